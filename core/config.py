@@ -1,0 +1,35 @@
+"""Settings read from the environment (`FHIRQ_*`); the one place configuration is defined."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return int(raw) if raw not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob fhirq has. README's configuration table mirrors this class."""
+
+    database_url: str | None = field(default_factory=lambda: os.environ.get("FHIRQ_DATABASE_URL"))
+    redis_url: str | None = field(default_factory=lambda: os.environ.get("FHIRQ_REDIS_URL"))
+    data_dir: str = field(default_factory=lambda: os.environ.get("FHIRQ_DATA_DIR", ".fhirq"))
+    # Public base URL used in Location / Content-Location headers; derived from the request
+    # when unset.
+    base_url: str | None = field(default_factory=lambda: os.environ.get("FHIRQ_BASE_URL"))
+    sync_max_entries: int = field(default_factory=lambda: _int("FHIRQ_SYNC_MAX_ENTRIES", 1000))
+    sync_max_bytes: int = field(default_factory=lambda: _int("FHIRQ_SYNC_MAX_BYTES", 10_000_000))
+    async_max_bytes: int = field(default_factory=lambda: _int("FHIRQ_ASYNC_MAX_BYTES", 250_000_000))
+    max_json_depth: int = field(default_factory=lambda: _int("FHIRQ_MAX_JSON_DEPTH", 64))
+    max_string_bytes: int = field(default_factory=lambda: _int("FHIRQ_MAX_STRING_BYTES", 1_000_000))
+    chunk_size: int = field(default_factory=lambda: _int("FHIRQ_CHUNK_SIZE", 500))
+    search_default_count: int = field(default_factory=lambda: _int("FHIRQ_SEARCH_COUNT", 50))
+    search_max_count: int = field(default_factory=lambda: _int("FHIRQ_SEARCH_MAX_COUNT", 1000))
+
+
+def get_settings() -> Settings:
+    return Settings()

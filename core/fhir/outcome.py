@@ -1,0 +1,61 @@
+"""OperationOutcome construction: the only place errors become FHIR resources."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.errors import FhirError
+
+STATUS_TEXT = {
+    200: "OK",
+    201: "Created",
+    202: "Accepted",
+    204: "No Content",
+    304: "Not Modified",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    410: "Gone",
+    412: "Precondition Failed",
+    413: "Payload Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Entity",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+}
+
+
+def status_line(status: int) -> str:
+    """`201` → `"201 Created"`, the form Bundle.entry.response.status uses."""
+    text = STATUS_TEXT.get(status)
+    return f"{status} {text}" if text else str(status)
+
+
+def issue(
+    severity: str, code: str, diagnostics: str, expression: list[str] | None = None
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"severity": severity, "code": code, "diagnostics": diagnostics}
+    if expression:
+        out["expression"] = expression
+    return out
+
+
+def outcome(*issues: dict[str, Any]) -> dict[str, Any]:
+    return {"resourceType": "OperationOutcome", "issue": list(issues)}
+
+
+def from_error(err: FhirError) -> dict[str, Any]:
+    severity = "error" if err.status >= 400 else "information"
+    return outcome(issue(severity, err.code, err.diagnostics, err.expression))
+
+
+def informational(diagnostics: str, code: str = "informational") -> dict[str, Any]:
+    return outcome(issue("information", code, diagnostics))
+
+
+def internal_error(diagnostics: str = "Internal server error") -> dict[str, Any]:
+    return outcome(issue("fatal", "exception", diagnostics))
