@@ -1,0 +1,88 @@
+"""Shared fixtures: a real PostgreSQL database per test session, migrated to head.
+
+The server comes from FHIRQ_TEST_DATABASE_URL (default: the local server CI provides). A fresh
+database `fhirq_test_<pid>` is created on it for the session and dropped afterwards, so parallel
+runs never share state.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import psycopg2
+import pytest
+from sqlalchemy import Connection, Engine, create_engine, text
+
+ADMIN_URL = os.environ.get("FHIRQ_TEST_DATABASE_URL", "postgresql://root@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("FHIRQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _with_db(url: str, name: str) -> str:
+    base, _, _ = url.rpartition("/")
+    return f"{base}/{name}"
+
+
+@pytest.fixture(scope="session")
+def db_url() -> Iterator[str]:
+    name = f"fhirq_test_{os.getpid()}"
+    admin = psycopg2.connect(ADMIN_URL)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        cur.execute(f'CREATE DATABASE "{name}"')
+    url = _with_db(ADMIN_URL, name)
+    from core.store.migrate import upgrade
+
+    upgrade(url)
+    os.environ["FHIRQ_DATABASE_URL"] = url
+    yield url
+    from core.store.db import get_engine
+
+    get_engine.cache_clear()
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture(scope="session")
+def engine(db_url: str) -> Engine:
+    from core.store.db import get_engine
+
+    return get_engine(db_url)
+
+
+TABLES_TO_CLEAN: list[str] = ["resource", "resource_history", "resource_string"]
+
+
+@pytest.fixture
+def clean_db(engine: Engine) -> Iterator[Engine]:
+    """Empty every data table before the test; for tests that commit."""
+    with engine.begin() as c:
+        existing = {
+            r[0]
+            for r in c.execute(
+                text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+            )
+        }
+        tables = [t for t in TABLES_TO_CLEAN if t in existing]
+        if "job" in existing:
+            tables.append("job")
+        if "job_entry" in existing:
+            tables.append("job_entry")
+        if tables:
+            c.execute(text(f"TRUNCATE {', '.join(tables)} CASCADE"))
+    yield engine
+
+
+@pytest.fixture
+def conn(clean_db: Engine) -> Iterator[Connection]:
+    """A connection inside a transaction that is rolled back after the test."""
+    with clean_db.connect() as c:
+        tx = c.begin()
+        yield c
+        tx.rollback()
+
+
+def make_engine(url: str) -> Engine:
+    return create_engine(url.replace("postgresql://", "postgresql+psycopg2://", 1))
