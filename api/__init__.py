@@ -1,0 +1,20 @@
+"""The Flask app factory. The API is thin: parse, authenticate, check the envelope, call `core`,
+answer. Each concern is one blueprint; `api.errors` turns every failure into an
+OperationOutcome."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from core.config import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    app = Flask(__name__)
+    app.config["FHIRQ"] = settings or get_settings()
+
+    from api import errors, health
+
+    errors.register(app)
+    app.register_blueprint(health.bp)
+    return app
