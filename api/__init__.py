@@ -13,8 +13,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["FHIRQ"] = settings or get_settings()
 
-    from api import errors, health
+    from api import errors, fhir, health
 
     errors.register(app)
     app.register_blueprint(health.bp)
+    app.register_blueprint(fhir.bp)
     return app

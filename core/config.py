@@ -27,6 +27,12 @@ class Settings:
     max_json_depth: int = field(default_factory=lambda: _int("FHIRQ_MAX_JSON_DEPTH", 64))
     max_string_bytes: int = field(default_factory=lambda: _int("FHIRQ_MAX_STRING_BYTES", 1_000_000))
     chunk_size: int = field(default_factory=lambda: _int("FHIRQ_CHUNK_SIZE", 500))
+    # Literal references (`Patient/1`) in written resources must name existing resources.
+    # Turn off for loads whose referenced resources arrive later.
+    referential_integrity: bool = field(
+        default_factory=lambda: os.environ.get("FHIRQ_REFERENTIAL_INTEGRITY", "true").lower()
+        not in ("0", "false", "no", "off")
+    )
     search_default_count: int = field(default_factory=lambda: _int("FHIRQ_SEARCH_COUNT", 50))
     search_max_count: int = field(default_factory=lambda: _int("FHIRQ_SEARCH_MAX_COUNT", 1000))
 

@@ -86,3 +86,14 @@ def conn(clean_db: Engine) -> Iterator[Connection]:
 
 def make_engine(url: str) -> Engine:
     return create_engine(url.replace("postgresql://", "postgresql+psycopg2://", 1))
+
+
+@pytest.fixture
+def client(clean_db: Engine):  # type: ignore[no-untyped-def]
+    """A Flask test client over the real database."""
+    from api import create_app
+
+    app = create_app()
+    app.config["TESTING"] = True
+    return app.test_client()
+

@@ -1,0 +1,305 @@
+"""The FHIR endpoint (`/fhir`): batch/transaction bundles, batch upsert, and plain REST.
+
+Thin by design: it reads the request, checks the envelope, calls `core.fhir.engine` inside one
+database transaction, and answers. A REST interaction is run as a one-entry batch, so it gets
+exactly the engine's semantics.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import orjson
+from flask import Blueprint, Response, request
+from psycopg2 import errors as pg_errors
+from sqlalchemy.exc import OperationalError
+
+from api.http import (
+    base_url,
+    check_content_type,
+    context,
+    fhir_response,
+    parse_json,
+    prefer,
+    read_json,
+    result_response,
+    settings,
+)
+from core.errors import BadRequest, FhirError
+from core.fhir.bundle import check_bundle, upsert_entry
+from core.fhir.capability import capability_statement
+from core.fhir.engine import execute_batch, execute_transaction, response_bundle
+from core.fhir.model import EntryResult
+from core.fhir.outcome import from_error
+from core.fhir.validation import known_resource_type
+from core.store.db import get_engine
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("fhir", __name__, url_prefix="/fhir")
+
+T = TypeVar("T")
+ASYNC_HINT = " Send it with the header 'Prefer: respond-async' to run it as a job."
+NDJSON = "application/fhir+ndjson"
+
+
+def _in_transaction(work: Callable[[Any], T], attempts: int = 3) -> T:
+    """Run `work(conn)` in one DB transaction, retrying deadlocks and serialization failures."""
+    for attempt in range(attempts):
+        try:
+            with get_engine().begin() as conn:
+                return work(conn)
+        except OperationalError as exc:
+            retryable = isinstance(
+                exc.orig, pg_errors.DeadlockDetected | pg_errors.SerializationFailure
+            )
+            if not retryable or attempt == attempts - 1:
+                raise
+            log.warning("retrying after %s", type(exc.orig).__name__)
+    raise AssertionError("unreachable")
+
+
+def _async_requested() -> bool:
+    return "respond-async" in prefer()
+
+
+def _submit_async(kind: str) -> Response:
+    from api.submit import submit_async
+
+    return submit_async(kind, request)
+
+
+# --------------------------------------------------------------------------- bundles
+
+
+@bp.post("")
+@bp.post("/")
+def post_bundle() -> Response:
+    check_content_type()
+    if _async_requested():
+        return _submit_async("bundle")
+    cfg = settings()
+    body = read_json(cfg.sync_max_bytes, hint=ASYNC_HINT)
+    kind, raw_entries = check_bundle(body, max_entries=cfg.sync_max_entries)
+    ctx = context()
+    entries = list(enumerate(raw_entries))
+    if kind == "transaction":
+        try:
+            results = _in_transaction(lambda conn: execute_transaction(conn, entries, ctx))
+        except FhirError as err:
+            return fhir_response(from_error(err), err.status)
+    else:
+        chunk = cfg.chunk_size
+
+        def run(conn: Any) -> list[EntryResult]:
+            out: list[EntryResult] = []
+            for start in range(0, len(entries), chunk):
+                out.extend(execute_batch(conn, entries[start : start + chunk], ctx))
+            return out
+
+        results = _in_transaction(run)
+    return fhir_response(response_bundle(kind, results, ctx))
+
+
+@bp.put("")
+@bp.put("/")
+def put_upsert() -> Response:
+    """Batch upsert: a JSON array (or NDJSON) of resources, each created or updated by id."""
+    check_content_type((*("application/fhir+json", "application/json"), NDJSON))
+    if _async_requested():
+        return _submit_async("upsert")
+    cfg = settings()
+    if request.mimetype == NDJSON:
+        raw = request.get_data(cache=False)
+        if len(raw) > cfg.sync_max_bytes:
+            raise BadRequest("Body too large for a synchronous upsert." + ASYNC_HINT,
+                             status=413, code="too-costly")
+        elements = [parse_json(line) for line in raw.splitlines() if line.strip()]
+    else:
+        elements = read_json(cfg.sync_max_bytes, hint=ASYNC_HINT)
+        if not isinstance(elements, list):
+            raise BadRequest("Batch upsert takes a JSON array of resources", expression="$")
+    if len(elements) > cfg.sync_max_entries:
+        raise BadRequest(
+            f"{len(elements)} resources exceed the synchronous limit of "
+            f"{cfg.sync_max_entries}.{ASYNC_HINT}", status=413, code="too-costly",
+        )
+    ctx = context()
+    entries: list[tuple[int, dict[str, Any]]] = []
+    answers: dict[int, Any] = {}
+    for i, element in enumerate(elements):
+        try:
+            entries.append((i, upsert_entry(element, i)))
+        except FhirError as err:
+            answers[i] = from_error(err)
+
+    def run(conn: Any) -> list[EntryResult]:
+        out: list[EntryResult] = []
+        for start in range(0, len(entries), cfg.chunk_size):
+            out.extend(execute_batch(conn, entries[start : start + cfg.chunk_size], ctx))
+        return out
+
+    for r in _in_transaction(run):
+        answers[r.index] = r.resource if r.ok else _upsert_error(r)
+    return fhir_response([answers[i] for i in range(len(elements))])
+
+
+def _upsert_error(result: EntryResult) -> dict[str, Any]:
+    body = dict(result.outcome or {})
+    for issue in body.get("issue", []):
+        issue["expression"] = [
+            e.replace(f"Bundle.entry[{result.index}].resource", f"[{result.index}]")
+            for e in issue.get("expression", [])
+        ]
+    return body
+
+
+# --------------------------------------------------------------------------- REST
+
+
+@bp.get("/metadata")
+def metadata() -> Response:
+    return fhir_response(capability_statement(base_url(), settings()))
+
+
+def _rest(method: str, url: str, *, resource: Any = None, write: bool) -> Response:
+    entry: dict[str, Any] = {"request": {"method": method, "url": url}}
+    for header, field in (("If-Match", "ifMatch"), ("If-None-Exist", "ifNoneExist"),
+                          ("If-None-Match", "ifNoneMatch")):
+        if header in request.headers:
+            entry["request"][field] = request.headers[header]
+    if resource is not None:
+        entry["resource"] = resource
+    ctx = context()
+    results = _in_transaction(lambda conn: execute_batch(conn, [(0, entry)], ctx))
+    result = results[0]
+    if not result.ok and result.outcome:
+        _strip_entry_prefix(result.outcome)
+    return result_response(result, ctx, write=write, head=method == "HEAD")
+
+
+def _strip_entry_prefix(body: dict[str, Any]) -> None:
+    """REST callers sent no bundle: report `Patient.birthDate`, not `Bundle.entry[0]...`."""
+    for issue in body.get("issue", []):
+        issue["expression"] = [
+            e.replace("Bundle.entry[0].resource.", "").replace("Bundle.entry[0].request.url", "url")
+            .replace("Bundle.entry[0].request.", "").replace("Bundle.entry[0].resource", "$")
+            for e in issue.get("expression", [])
+        ]
+
+
+def _url(*parts: str) -> str:
+    path = "/".join(parts)
+    qs = request.query_string.decode()
+    return f"{path}?{qs}" if qs else path
+
+
+def _check_type(resource_type: str) -> None:
+    if not known_resource_type(resource_type):
+        raise FhirError(f"'{resource_type}' is not a FHIR R4 resource type",
+                        status=404, code="not-supported")
+
+
+def _body_resource() -> Any:
+    check_content_type()
+    return read_json(settings().sync_max_bytes)
+
+
+@bp.route("/<rtype>", methods=["GET", "HEAD"])
+def search_type(rtype: str) -> Response:
+    _check_type(rtype)
+    return _rest("GET", _url(rtype) if request.query_string else rtype, write=False)
+
+
+@bp.post("/<rtype>/_search")
+def search_post(rtype: str) -> Response:
+    _check_type(rtype)
+    params = [(k, v) for k, vs in request.form.lists() for v in vs]
+    params += [(k, v) for k, vs in request.args.lists() for v in vs]
+    from urllib.parse import urlencode
+
+    return _rest("GET", f"{rtype}?{urlencode(params)}", write=False)
+
+
+@bp.post("/<rtype>")
+def create(rtype: str) -> Response:
+    _check_type(rtype)
+    return _rest("POST", rtype, resource=_body_resource(), write=True)
+
+
+@bp.route("/<rtype>", methods=["PUT", "PATCH", "DELETE"])
+def conditional_write(rtype: str) -> Response:
+    _check_type(rtype)
+    if not request.query_string:
+        raise BadRequest(f"{request.method} on a type needs search parameters (conditional)")
+    resource = None
+    if request.method == "PUT":
+        resource = _body_resource()
+    elif request.method == "PATCH":
+        resource = _patch_body()
+    return _rest(request.method, _url(rtype), resource=resource, write=True)
+
+
+@bp.route("/<rtype>/<rid>", methods=["GET", "HEAD"])
+def read(rtype: str, rid: str) -> Response:
+    _check_type(rtype)
+    return _rest(request.method, f"{rtype}/{rid}", write=False)
+
+
+@bp.put("/<rtype>/<rid>")
+def update(rtype: str, rid: str) -> Response:
+    _check_type(rtype)
+    return _rest("PUT", f"{rtype}/{rid}", resource=_body_resource(), write=True)
+
+
+@bp.patch("/<rtype>/<rid>")
+def patch(rtype: str, rid: str) -> Response:
+    _check_type(rtype)
+    return _rest("PATCH", f"{rtype}/{rid}", resource=_patch_body(), write=True)
+
+
+@bp.delete("/<rtype>/<rid>")
+def delete(rtype: str, rid: str) -> Response:
+    _check_type(rtype)
+    return _rest("DELETE", f"{rtype}/{rid}", write=True)
+
+
+@bp.get("/<rtype>/<rid>/_history")
+def history_instance(rtype: str, rid: str) -> Response:
+    _check_type(rtype)
+    return _rest("GET", _url(rtype, rid, "_history"), write=False)
+
+
+@bp.get("/<rtype>/_history")
+def history_type(rtype: str) -> Response:
+    _check_type(rtype)
+    return _rest("GET", _url(rtype, "_history"), write=False)
+
+
+@bp.route("/<rtype>/<rid>/_history/<vid>", methods=["GET", "HEAD"])
+def vread(rtype: str, rid: str, vid: str) -> Response:
+    _check_type(rtype)
+    return _rest(request.method, f"{rtype}/{rid}/_history/{vid}", write=False)
+
+
+def _patch_body() -> dict[str, Any]:
+    """JSON Patch bodies travel to the engine as the Binary a bundle entry would carry."""
+    mime = (request.mimetype or "").lower()
+    if mime == "application/json-patch+json":
+        raw = request.get_data(cache=False)
+        ops = parse_json(raw)
+        return {
+            "resourceType": "Binary",
+            "contentType": "application/json-patch+json",
+            "data": base64.b64encode(orjson.dumps(ops)).decode(),
+        }
+    check_content_type(("application/fhir+json", "application/json"))
+    body = read_json(settings().sync_max_bytes)
+    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
+        raise BadRequest(
+            "PATCH takes application/json-patch+json or a FHIRPath Patch Parameters resource"
+        )
+    return body

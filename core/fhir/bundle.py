@@ -1,0 +1,65 @@
+"""The Bundle envelope and the batch-upsert array: checks before any entry is looked at."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.errors import BadRequest, FhirError, TooLarge
+from core.fhir.validation import is_valid_id, known_resource_type
+
+__all__ = ["check_bundle", "upsert_entry"]
+
+BUNDLE_KINDS = ("batch", "transaction")
+
+
+def check_bundle(body: Any, *, max_entries: int | None = None) -> tuple[str, list[Any]]:
+    """Return (type, entries) of a batch/transaction Bundle, or raise a 400 saying where."""
+    if not isinstance(body, dict):
+        raise BadRequest("The body must be a JSON object (a Bundle)", expression="Bundle")
+    if body.get("resourceType") != "Bundle":
+        raise BadRequest(
+            f"Expected a Bundle, got resourceType '{body.get('resourceType')}'",
+            expression="Bundle.resourceType",
+        )
+    kind = body.get("type")
+    if kind not in BUNDLE_KINDS:
+        raise BadRequest(
+            f"Bundle.type must be 'batch' or 'transaction', not '{kind}'",
+            expression="Bundle.type", code="value",
+        )
+    entries = body.get("entry", [])
+    if not isinstance(entries, list):
+        raise BadRequest("Bundle.entry must be an array", expression="Bundle.entry")
+    if max_entries is not None and len(entries) > max_entries:
+        raise TooLarge(
+            f"This bundle has {len(entries)} entries; synchronous processing takes at most "
+            f"{max_entries}. Send it again with the header 'Prefer: respond-async' to run it "
+            "as a job.",
+            expression="Bundle.entry",
+        )
+    return kind, entries
+
+
+def upsert_entry(element: Any, index: int) -> dict[str, Any]:
+    """One element of a batch-upsert array → the PUT batch entry that creates-or-updates it.
+
+    Raises FhirError (index set, expression `[i].field`) for an element that can't be upserted.
+    """
+    try:
+        if not isinstance(element, dict):
+            raise BadRequest("Each element must be a resource object", expression=f"[{index}]")
+        rtype, rid = element.get("resourceType"), element.get("id")
+        if not isinstance(rtype, str) or not known_resource_type(rtype):
+            raise BadRequest(
+                f"Unknown or missing resourceType '{rtype}'",
+                expression=f"[{index}].resourceType", code="required" if rtype is None else "value",
+            )
+        if not isinstance(rid, str) or not is_valid_id(rid):
+            raise BadRequest(
+                "Batch upsert needs a valid id on every resource (FHIR id: 1-64 of A-Z a-z 0-9 - .)",
+                expression=f"[{index}].id", code="required" if rid is None else "value",
+            )
+    except FhirError as err:
+        err.index = index
+        raise
+    return {"resource": element, "request": {"method": "PUT", "url": f"{rtype}/{rid}"}}

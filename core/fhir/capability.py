@@ -1,0 +1,80 @@
+"""The CapabilityStatement served at `[base]/metadata`: what this server really supports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.config import Settings
+from core.fhir.search_params import supported_params
+from core.fhir.validation import known_resource_type
+
+# Types with search parameters beyond the common ones; every R4 type is stored and readable.
+_TYPES = [
+    "Patient", "Practitioner", "PractitionerRole", "Organization", "Location", "Encounter",
+    "Observation", "Condition", "Procedure", "MedicationRequest", "Immunization",
+    "DiagnosticReport", "CarePlan", "CareTeam", "Claim", "ExplanationOfBenefit", "Schedule",
+    "Slot", "Appointment", "AllergyIntolerance", "Device", "DocumentReference", "Goal",
+    "ImagingStudy", "Medication", "MedicationAdministration", "Provenance", "SupplyDelivery",
+]
+
+_INTERACTIONS = [
+    "read", "vread", "update", "patch", "delete", "history-instance", "history-type",
+    "create", "search-type",
+]
+
+_PARAM_TYPES = {
+    "_id": "token", "_lastUpdated": "date", "identifier": "token", "name": "string",
+    "family": "string", "given": "string", "birthdate": "date", "gender": "token",
+    "status": "token", "code": "token", "subject": "reference", "patient": "reference",
+    "date": "date", "schedule": "reference", "start": "date", "actor": "reference",
+}
+
+
+def capability_statement(base_url: str, settings: Settings) -> dict[str, Any]:
+    resources = []
+    for rtype in _TYPES:
+        if not known_resource_type(rtype):
+            continue
+        params = [
+            {"name": p, "type": _PARAM_TYPES.get(p, "token")}
+            for p in supported_params(rtype)
+            if not p.startswith("_count")
+        ]
+        resources.append({
+            "type": rtype,
+            "interaction": [{"code": code} for code in _INTERACTIONS],
+            "versioning": "versioned-update",
+            "readHistory": True,
+            "updateCreate": True,
+            "conditionalCreate": True,
+            "conditionalRead": "not-supported",
+            "conditionalUpdate": True,
+            "conditionalDelete": "single",
+            "referencePolicy": ["literal", "local"],
+            "searchParam": params,
+        })
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-21",
+        "kind": "instance",
+        "software": {"name": "fhirq", "version": "0.1.0"},
+        "implementation": {
+            "description": "fhirq: asynchronous FHIR R4 batch & transaction processor",
+            "url": base_url,
+        },
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "patchFormat": ["application/json-patch+json", "application/fhir+json"],
+        "rest": [{
+            "mode": "server",
+            "documentation": (
+                f"Bundles of type batch and transaction are answered synchronously up to "
+                f"{settings.sync_max_entries} entries; send 'Prefer: respond-async' to run any "
+                "size as a job (FHIR asynchronous request pattern). PUT [base] with a JSON "
+                "array or NDJSON performs a batch upsert."
+            ),
+            "resource": resources,
+            "interaction": [{"code": "transaction"}, {"code": "batch"}],
+        }],
+    }
