@@ -5,6 +5,7 @@
 - `resource_history`: every version ever written, current one included (vread, _history).
 - `resource_string`: normalised string search values (name/family/given), one row per value,
   so that prefix search is a btree range scan.
+- `job`, `job_entry`, `job_upload`: async jobs and their per-entry results (core.jobs).
 
 Content is stored without `meta.versionId` / `meta.lastUpdated`: those live in columns and are
 put back on read, so that comparing stored content detects no-op updates in SQL.
@@ -13,15 +14,20 @@ put back on read, so that comparing stored content detects no-op updates in SQL.
 from __future__ import annotations
 
 from sqlalchemy import (
+    JSON,
     Boolean,
+    CheckConstraint,
     Column,
     DateTime,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
     PrimaryKeyConstraint,
     Table,
     Text,
+    func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
@@ -72,4 +78,92 @@ resource_string = Table(
     Column("value", Text(collation="C"), nullable=False),
     Index("ix_string_lookup", "res_type", "param", "value"),
     Index("ix_string_owner", "res_type", "res_id"),
+)
+
+# --------------------------------------------------------------------------- jobs
+# Owned by core.jobs. A job is one async submission; each entry of it is one row of
+# `job_entry`, written at accept time (request) and again when the entry ran (result), in the
+# same DB transaction as the entry's effect.
+
+job = Table(
+    "job",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("owner", Text, nullable=False),
+    Column("kind", Text, nullable=False),  # batch | transaction | upsert
+    Column("state", Text, nullable=False, server_default="accepted"),
+    Column("prefer_return", Text, nullable=False, server_default="representation"),
+    Column("base_url", Text, nullable=False),
+    Column("chunk_size", Integer, nullable=False),
+    Column("total", Integer, nullable=False, server_default="0"),
+    Column("done", Integer, nullable=False, server_default="0"),
+    Column("succeeded", Integer, nullable=False, server_default="0"),
+    Column("failed", Integer, nullable=False, server_default="0"),
+    # Dispatch generation: only chunk tasks of the current generation enqueue a successor, so
+    # re-dispatching (reaper, retry) never multiplies the tasks in flight.
+    Column("gen", Integer, nullable=False, server_default="0"),
+    Column("outcome", JSONB),  # a failed transaction's OperationOutcome
+    Column("outcome_status", Integer),
+    Column("idempotency_key", Text),
+    Column("body_hash", Text),
+    Column("callback_url", Text),
+    Column("callback_state", Text),  # NULL (none) | pending | sending | sent | failed
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("dismissed_at", DateTime(timezone=True)),  # DELETE on the status URL after the end
+    CheckConstraint(
+        "state IN ('accepted', 'running', 'completed', 'failed', 'cancelled')",
+        name="ck_job_state",
+    ),
+    CheckConstraint("kind IN ('batch', 'transaction', 'upsert')", name="ck_job_kind"),
+    Index("ix_job_owner_created", "owner", "created_at"),
+    Index(
+        "ux_job_idempotency",
+        "owner",
+        "idempotency_key",
+        unique=True,
+        postgresql_where=text("idempotency_key IS NOT NULL"),
+    ),
+    Index(
+        "ix_job_active",
+        "updated_at",
+        postgresql_where=text("state IN ('accepted', 'running')"),
+    ),
+)
+
+job_entry = Table(
+    "job_entry",
+    metadata,
+    Column("job_id", Text, ForeignKey("job.id", ondelete="CASCADE"), nullable=False),
+    Column("idx", Integer, nullable=False),
+    # The entry as sent (`json`, not `jsonb`: stored as split from the body without a re-parse).
+    # NULL for an NDJSON line that was not JSON; its 400 result is written at accept time.
+    Column("request", JSON),
+    Column("status", Integer),  # NULL while pending
+    Column("location", Text),
+    Column("etag", Text),
+    Column("last_modified", DateTime(timezone=True)),
+    Column("outcome", JSONB),
+    # Where the representation can be re-read from resource_history (no second copy)...
+    Column("res_type", Text),
+    Column("res_id", Text),
+    Column("res_version", Integer),
+    # ...or the resource itself when it is not a stored version (search results, reads).
+    Column("resource", JSONB),
+    Column("finished_at", DateTime(timezone=True)),
+    PrimaryKeyConstraint("job_id", "idx"),
+    Index("ix_job_entry_pending", "job_id", "idx", postgresql_where=text("status IS NULL")),
+    Index("ix_job_entry_failed", "job_id", "idx", postgresql_where=text("status >= 400")),
+)
+
+# Unlogged staging for a body being accepted: written by COPY and split into `job_entry` by SQL
+# in the same transaction, then deleted before commit (a row is never visible to anyone).
+job_upload = Table(
+    "job_upload",
+    metadata,
+    Column("job_id", Text, primary_key=True),
+    Column("body", Text, nullable=False),
+    prefixes=["UNLOGGED"],
 )
