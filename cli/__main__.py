@@ -1,0 +1,5 @@
+"""`python -m cli` is `fhirq`."""
+
+from cli.main import main
+
+main()

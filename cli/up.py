@@ -1,0 +1,320 @@
+"""`fhirq up`: the whole product in one command. Starts (or reuses) the embedded PostgreSQL and
+Redis under a data directory unless FHIRQ_DATABASE_URL / FHIRQ_REDIS_URL point elsewhere,
+migrates the schema, runs the API (gunicorn) and a Celery worker (and beat when a schedule
+exists), and on Ctrl-C / SIGTERM stops all of it in order and checks nothing is left running."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import click
+import httpx
+import psutil
+
+from cli import embedded, procutil
+from cli.processes import api_argv, beat_argv, format_host, gunicorn_has_setting, worker_argv
+
+__all__ = ["UpError", "UpOptions", "curl_example", "is_loopback", "serve"]
+
+# How long each of our processes gets to finish in-flight work on shutdown before SIGKILL.
+# Celery's warm shutdown lets running tasks end; acks_late redelivers any we cut short.
+STOP_TIMEOUT = 30.0
+
+
+class UpError(click.ClickException):
+    """`fhirq up` cannot start; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_workers: int = 2
+    api_threads: int = 4
+    concurrency: int = 2
+    loglevel: str = "INFO"
+    ready_timeout: float = 60.0
+
+
+class _Stop(BaseException):
+    """Raised from the signal handler so startup and supervision unwind through ExitStack.
+    A BaseException, so library code catching Exception cannot swallow it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@dataclass
+class _Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def curl_example(base_url: str) -> str:
+    """A ready-to-paste transaction: a Patient and an Observation that refers to it by its
+    urn:uuid placeholder, which the server rewrites to the Patient's new id."""
+    return (
+        f"curl -s -X POST {base_url} -H 'Content-Type: application/fhir+json' -d '\n"
+        '{"resourceType": "Bundle", "type": "transaction", "entry": [\n'
+        ' {"fullUrl": "urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a",\n'
+        '  "resource": {"resourceType": "Patient", "name": [{"family": "Chalmers", '
+        '"given": ["Peter"]}]},\n'
+        '  "request": {"method": "POST", "url": "Patient"}},\n'
+        ' {"resource": {"resourceType": "Observation", "status": "final", '
+        '"code": {"text": "Body weight"},\n'
+        '   "subject": {"reference": "urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a"},\n'
+        '   "valueQuantity": {"value": 72, "unit": "kg"}},\n'
+        '  "request": {"method": "POST", "url": "Observation"}}]}\''
+    )
+
+
+# --- startup checks ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _exclusive(data_dir: Path) -> Iterator[None]:
+    """One `fhirq up` per data directory: two would fight over the same servers."""
+    with open(data_dir / "fhirq-up.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UpError(f"another `fhirq up` is already running on {data_dir}") from None
+        yield
+
+
+def _port_free(host: str, port: int) -> bool:
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((bare, port))
+        except OSError:
+            return False
+    return True
+
+
+def _has_beat_schedule() -> bool:
+    from worker.celery_app import celery
+
+    return bool(celery.conf.beat_schedule)
+
+
+def _wait_healthy(url: str, api: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=2, trust_env=False) as client:
+        while True:
+            if api.poll() is not None:
+                raise UpError(f"the API exited during startup (status {api.returncode})")
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get(url).status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise UpError(f"the API did not answer {url} within {timeout:.0f} s")
+            time.sleep(0.2)
+
+
+# --- signals -----------------------------------------------------------------------------------
+
+
+def _ignore_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _on_signal(signum: int, _frame: FrameType | None) -> None:
+    # Only the first signal interrupts; shutdown itself is bounded and must not be cut short.
+    _ignore_signals()
+    raise _Stop(signum)
+
+
+# --- running -----------------------------------------------------------------------------------
+
+
+def _mask(url: str) -> str:
+    """A URL fit to print: without its password."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, hostpart = rest.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{hostpart}"
+
+
+def _start(
+    opts: UpOptions, data_dir: Path, stack: ExitStack, children: list[_Child]
+) -> list[tuple[str, Callable[[], bool]]]:
+    """Start everything; return what to watch. Every stop is registered before its start so an
+    interruption at any point still stops whatever did come up."""
+    echo = click.echo
+    watched: list[tuple[str, Callable[[], bool]]] = []
+
+    db_url = os.environ.get("FHIRQ_DATABASE_URL")
+    if db_url:
+        echo(f"fhirq: PostgreSQL: {_mask(db_url)} (FHIRQ_DATABASE_URL)")
+    else:
+        stack.callback(embedded.stop_postgres, data_dir)
+        db_url, _ = embedded.start_postgres(data_dir)
+        echo(f"fhirq: PostgreSQL: embedded, data in {data_dir / 'postgres'}")
+        watched.append(("PostgreSQL", lambda: embedded.postgres_running(data_dir)))
+
+    redis_url = os.environ.get("FHIRQ_REDIS_URL")
+    if redis_url:
+        echo(f"fhirq: Redis: {_mask(redis_url)} (FHIRQ_REDIS_URL)")
+    else:
+        stack.callback(embedded.stop_redis, data_dir)
+        redis_url, _ = embedded.start_redis(data_dir)
+        echo(f"fhirq: Redis: embedded, data in {data_dir / 'redis'}")
+        watched.append(("Redis", lambda: embedded.redis_running(data_dir)))
+
+    from core.store.db import get_engine
+    from core.store.migrate import upgrade
+
+    echo("fhirq: migrating the database schema")
+    upgrade(db_url)
+    get_engine(db_url).dispose()  # the supervisor keeps no connections open
+
+    base_url = f"http://{format_host(opts.host)}:{opts.port}/fhir"
+    env = dict(os.environ)
+    env.update(
+        FHIRQ_DATABASE_URL=db_url,
+        FHIRQ_REDIS_URL=redis_url,
+        FHIRQ_DATA_DIR=str(data_dir),
+        PYTHONUNBUFFERED="1",
+    )
+    env.setdefault("FHIRQ_BASE_URL", base_url)
+
+    # gunicorn >= 27 opens a control socket at one fixed path per user; two `fhirq up` runs (or a
+    # test session beside a developer's) would take it from each other.
+    api_extra = ["--no-control-socket"] if gunicorn_has_setting("control_socket_disable") else []
+    commands = [
+        ("API", api_argv(opts.host, opts.port, opts.api_workers, opts.api_threads, api_extra)),
+        ("worker", worker_argv(opts.concurrency, opts.loglevel)),
+    ]
+    if _has_beat_schedule():
+        commands.append(("beat", beat_argv(str(data_dir / "celerybeat-schedule"), opts.loglevel)))
+    stack.callback(_stop_children, children)
+    for name, argv in commands:
+        children.append(_Child(name, procutil.spawn(argv, env=env)))
+    for child in children:
+        watched.append((child.name, lambda c=child: c.proc.poll() is None))
+
+    origin = f"http://{format_host(opts.host)}:{opts.port}"
+    _wait_healthy(f"{origin}/healthz", children[0].proc, opts.ready_timeout)
+    _banner(opts, data_dir, base_url, [c.name for c in children])
+    return watched
+
+
+def _banner(opts: UpOptions, data_dir: Path, base_url: str, running: list[str]) -> None:
+    click.echo(
+        "\n"
+        f"fhirq is up: {', '.join(running)} running; data in {data_dir}\n"
+        f"  FHIR base URL: {base_url}\n"
+        f"  No authentication: bound to loopback only ({opts.host}); "
+        "`fhirq up` refuses other addresses.\n"
+        "  Try a transaction:\n\n"
+        f"{curl_example(base_url)}\n\n"
+        "  Ctrl-C stops everything; the next `fhirq up` reuses the data.\n",
+    )
+
+
+def _stop_children(children: list[_Child]) -> None:
+    # All at once, each bounded: the API stops taking requests while the worker finishes (or,
+    # past the timeout, abandons to redelivery) its running tasks.
+    before = {c.name: procutil.tree(c.proc.pid) for c in children}
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):
+            child.proc.send_signal(signal.SIGTERM)
+    for child in children:
+        try:
+            child.proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            click.echo(f"fhirq: {child.name} did not stop in {STOP_TIMEOUT:.0f} s; killing it")
+        # Descendants are checked too: a worker process orphaned by its master is still ours.
+        left = procutil.wait_gone(before[child.name] + procutil.tree(child.proc.pid), 2)
+        if left:
+            procutil.kill_all(left)
+            click.echo(f"fhirq: killed {len(left)} leftover {child.name} process(es)")
+        child.proc.wait()
+
+
+def _snapshot(data_dir: Path, children: list[_Child]) -> list[psutil.Process]:
+    procs = [p for c in children for p in procutil.tree(c.proc.pid)]
+    return procs + embedded.server_processes(data_dir)
+
+
+def _supervise(watched: list[tuple[str, Callable[[], bool]]]) -> int:
+    while True:
+        for name, ok in watched:
+            if not ok():
+                click.echo(f"fhirq: {name} stopped unexpectedly; stopping everything", err=True)
+                return 1
+        time.sleep(0.5)
+
+
+def serve(opts: UpOptions) -> int:
+    """Run until a signal or a crashed process; return the exit status."""
+    if not is_loopback(opts.host):
+        raise UpError(
+            f"refusing to serve on {opts.host}: `fhirq up` has no authentication yet, so it "
+            "binds only to loopback (127.0.0.1, ::1, localhost). To serve other hosts, run "
+            "`fhirq api` behind your own access control."
+        )
+    data_dir = opts.data_dir.expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(data_dir):
+        if not _port_free(opts.host, opts.port):
+            raise UpError(f"{opts.host}:{opts.port} is already in use; choose another --port")
+        children: list[_Child] = []
+        tracked: list[psutil.Process] = []
+        previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            with ExitStack() as stack:
+                try:
+                    status = _supervise(_start(opts, data_dir, stack, children))
+                except _Stop as stop:
+                    click.echo(f"\nfhirq: {signal.Signals(stop.signum).name}: stopping")
+                    status = 0
+                finally:
+                    _ignore_signals()
+                    tracked = _snapshot(data_dir, children)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            left = _reap_leftovers(tracked)
+        if left:
+            return 1
+        click.echo("fhirq: stopped")
+        return status
+
+
+def _reap_leftovers(tracked: list[psutil.Process]) -> int:
+    """The last check: every process this run had must be gone; kill and name any that is not."""
+    left = procutil.wait_gone(tracked, 5)
+    if left:
+        procutil.kill_all(left)
+        pids = ", ".join(str(p.pid) for p in left)
+        click.echo(f"fhirq: processes still running after shutdown were killed: {pids}", err=True)
+    return len(left)
