@@ -71,6 +71,7 @@ __all__ = [
     "check_json_limits",
     "check_raw_depth",
     "element_repeats",
+    "fhirpath_of",
     "is_valid_id",
     "known_resource_type",
     "validate_resource",
@@ -224,7 +225,7 @@ def check_json_limits(
         return
     path, problem = _find_violation(value, max_depth, max_string_bytes)
     root = expression or _root_name(value)
-    where = _join_path(root, path)
+    where = fhirpath_of(root, path)
     raise BadRequest(problem, code="too-costly", expression=where or None)
 
 
@@ -309,7 +310,7 @@ def _root_name(value: object) -> str:
     return ""
 
 
-def _join_path(root: str, path: Iterable[Any]) -> str:
+def fhirpath_of(root: str, path: Iterable[Any]) -> str:
     """FHIRPath of a JSON location: ("name", 0, "_given", 1) → Patient.name[0].given[1].
 
     A `_x` key holds the id/extensions of primitive `x`, which FHIRPath sees as `x` itself.
@@ -415,7 +416,7 @@ def _bad_request(err: ValidationError, root: str) -> BadRequest:
         ctx = item.get("ctx") or {}
         if "element" in ctx:
             loc = (*loc, ctx["element"])
-        path = _join_path(root, loc)
+        path = fhirpath_of(root, loc)
         if kind in _REQUIRED_ERRORS:
             code, text = "required", "required element is missing"
         elif kind in _STRUCTURE_ERRORS:
