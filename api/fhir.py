@@ -115,8 +115,11 @@ def put_upsert() -> Response:
     if request.mimetype == NDJSON:
         raw = request.get_data(cache=False)
         if len(raw) > cfg.sync_max_bytes:
-            raise BadRequest("Body too large for a synchronous upsert." + ASYNC_HINT,
-                             status=413, code="too-costly")
+            raise BadRequest(
+                "Body too large for a synchronous upsert." + ASYNC_HINT,
+                status=413,
+                code="too-costly",
+            )
         elements = [parse_json(line) for line in raw.splitlines() if line.strip()]
     else:
         elements = read_json(cfg.sync_max_bytes, hint=ASYNC_HINT)
@@ -125,7 +128,9 @@ def put_upsert() -> Response:
     if len(elements) > cfg.sync_max_entries:
         raise BadRequest(
             f"{len(elements)} resources exceed the synchronous limit of "
-            f"{cfg.sync_max_entries}.{ASYNC_HINT}", status=413, code="too-costly",
+            f"{cfg.sync_max_entries}.{ASYNC_HINT}",
+            status=413,
+            code="too-costly",
         )
     ctx = context()
     entries: list[tuple[int, dict[str, Any]]] = []
@@ -167,8 +172,11 @@ def metadata() -> Response:
 
 def _rest(method: str, url: str, *, resource: Any = None, write: bool) -> Response:
     entry: dict[str, Any] = {"request": {"method": method, "url": url}}
-    for header, field in (("If-Match", "ifMatch"), ("If-None-Exist", "ifNoneExist"),
-                          ("If-None-Match", "ifNoneMatch")):
+    for header, field in (
+        ("If-Match", "ifMatch"),
+        ("If-None-Exist", "ifNoneExist"),
+        ("If-None-Match", "ifNoneMatch"),
+    ):
         if header in request.headers:
             entry["request"][field] = request.headers[header]
     if resource is not None:
@@ -177,18 +185,31 @@ def _rest(method: str, url: str, *, resource: Any = None, write: bool) -> Respon
     results = _in_transaction(lambda conn: execute_batch(conn, [(0, entry)], ctx))
     result = results[0]
     if not result.ok and result.outcome:
-        _strip_entry_prefix(result.outcome)
+        _strip_entry_prefix(result.outcome, url.split("/")[0].split("?")[0])
     return result_response(result, ctx, write=write, head=method == "HEAD")
 
 
-def _strip_entry_prefix(body: dict[str, Any]) -> None:
+_REST_NAMES = {
+    "request.url": "url",
+    "request.ifMatch": "If-Match",
+    "request.ifNoneExist": "If-None-Exist",
+    "request.ifNoneMatch": "If-None-Match",
+}
+
+
+def _strip_entry_prefix(body: dict[str, Any], resource_type: str) -> None:
     """REST callers sent no bundle: report `Patient.birthDate`, not `Bundle.entry[0]...`."""
+    prefix = "Bundle.entry[0]."
     for issue in body.get("issue", []):
-        issue["expression"] = [
-            e.replace("Bundle.entry[0].resource.", "").replace("Bundle.entry[0].request.url", "url")
-            .replace("Bundle.entry[0].request.", "").replace("Bundle.entry[0].resource", "$")
-            for e in issue.get("expression", [])
-        ]
+        out = []
+        for e in issue.get("expression", []):
+            if e.startswith(prefix):
+                rest = e[len(prefix) :]
+                if rest.startswith("resource"):
+                    rest = resource_type + rest[len("resource") :]
+                e = _REST_NAMES.get(rest, rest)
+            out.append(e)
+        issue["expression"] = out
 
 
 def _url(*parts: str) -> str:
@@ -199,8 +220,9 @@ def _url(*parts: str) -> str:
 
 def _check_type(resource_type: str) -> None:
     if not known_resource_type(resource_type):
-        raise FhirError(f"'{resource_type}' is not a FHIR R4 resource type",
-                        status=404, code="not-supported")
+        raise FhirError(
+            f"'{resource_type}' is not a FHIR R4 resource type", status=404, code="not-supported"
+        )
 
 
 def _body_resource() -> Any:

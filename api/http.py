@@ -31,7 +31,7 @@ def base_url(req: Request | None = None) -> str:
 
 
 def prefer(req: Request | None = None) -> dict[str, str]:
-    """Parse `Prefer: return=minimal, respond-async` into {"return": "minimal", "respond-async": ""}."""
+    """`Prefer: return=minimal, respond-async` → {"return": "minimal", "respond-async": ""}."""
     req = req or request
     out: dict[str, str] = {}
     for header in req.headers.getlist("Prefer"):
@@ -68,7 +68,8 @@ def check_content_type(allowed: tuple[str, ...] = JSON_TYPES) -> None:
     if mime and mime not in allowed:
         raise FhirError(
             f"Content-Type '{mime}' is not supported here; use {' or '.join(allowed)}",
-            status=415, code="not-supported",
+            status=415,
+            code="not-supported",
         )
 
 
@@ -93,14 +94,14 @@ def parse_json(raw: bytes) -> Any:
         raise BadRequest(f"The body is not valid JSON: {exc}", code="structure") from exc
 
 
-def fhir_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
-                  ) -> Response:
+def fhir_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     payload = b"" if body is None else orjson.dumps(body)
     return Response(payload, status=status, headers=headers, mimetype=FHIR_JSON)
 
 
-def result_response(result: EntryResult, ctx: Context, *, write: bool, head: bool = False
-                    ) -> Response:
+def result_response(
+    result: EntryResult, ctx: Context, *, write: bool, head: bool = False
+) -> Response:
     """An EntryResult as a plain REST answer (Location, ETag, Last-Modified, body per Prefer).
 
     `Prefer: return=` applies to writes; reads and searches always carry their resource.
@@ -115,9 +116,7 @@ def result_response(result: EntryResult, ctx: Context, *, write: bool, head: boo
     body: Any
     if not result.ok:
         body = result.outcome
-    elif not write:
-        body = result.resource
-    elif ctx.prefer_return == "representation":
+    elif not write or ctx.prefer_return == "representation":
         body = result.resource
     elif ctx.prefer_return == "OperationOutcome":
         body = result.outcome

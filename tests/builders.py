@@ -22,8 +22,9 @@ def urn() -> str:
     return f"urn:uuid:{uuid.uuid4()}"
 
 
-def post(resource: dict[str, Any], *, full_url: str | None = None,
-         if_none_exist: str | None = None) -> dict[str, Any]:
+def post(
+    resource: dict[str, Any], *, full_url: str | None = None, if_none_exist: str | None = None
+) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "resource": resource,
         "request": {"method": "POST", "url": resource["resourceType"]},
@@ -35,8 +36,13 @@ def post(resource: dict[str, Any], *, full_url: str | None = None,
     return entry
 
 
-def put(resource: dict[str, Any], url: str | None = None, *, if_match: str | None = None,
-        full_url: str | None = None) -> dict[str, Any]:
+def put(
+    resource: dict[str, Any],
+    url: str | None = None,
+    *,
+    if_match: str | None = None,
+    full_url: str | None = None,
+) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "resource": resource,
         "request": {"method": "PUT", "url": url or f"{resource['resourceType']}/{resource['id']}"},

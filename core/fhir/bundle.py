@@ -25,7 +25,8 @@ def check_bundle(body: Any, *, max_entries: int | None = None) -> tuple[str, lis
     if kind not in BUNDLE_KINDS:
         raise BadRequest(
             f"Bundle.type must be 'batch' or 'transaction', not '{kind}'",
-            expression="Bundle.type", code="value",
+            expression="Bundle.type",
+            code="value",
         )
     entries = body.get("entry", [])
     if not isinstance(entries, list):
@@ -52,12 +53,15 @@ def upsert_entry(element: Any, index: int) -> dict[str, Any]:
         if not isinstance(rtype, str) or not known_resource_type(rtype):
             raise BadRequest(
                 f"Unknown or missing resourceType '{rtype}'",
-                expression=f"[{index}].resourceType", code="required" if rtype is None else "value",
+                expression=f"[{index}].resourceType",
+                code="required" if rtype is None else "value",
             )
         if not isinstance(rid, str) or not is_valid_id(rid):
             raise BadRequest(
-                "Batch upsert needs a valid id on every resource (FHIR id: 1-64 of A-Z a-z 0-9 - .)",
-                expression=f"[{index}].id", code="required" if rid is None else "value",
+                "Batch upsert needs a valid id on every resource "
+                "(FHIR id: 1-64 of A-Z a-z 0-9 - .)",
+                expression=f"[{index}].id",
+                code="required" if rid is None else "value",
             )
     except FhirError as err:
         err.index = index

@@ -10,23 +10,65 @@ from core.fhir.validation import known_resource_type
 
 # Types with search parameters beyond the common ones; every R4 type is stored and readable.
 _TYPES = [
-    "Patient", "Practitioner", "PractitionerRole", "Organization", "Location", "Encounter",
-    "Observation", "Condition", "Procedure", "MedicationRequest", "Immunization",
-    "DiagnosticReport", "CarePlan", "CareTeam", "Claim", "ExplanationOfBenefit", "Schedule",
-    "Slot", "Appointment", "AllergyIntolerance", "Device", "DocumentReference", "Goal",
-    "ImagingStudy", "Medication", "MedicationAdministration", "Provenance", "SupplyDelivery",
+    "Patient",
+    "Practitioner",
+    "PractitionerRole",
+    "Organization",
+    "Location",
+    "Encounter",
+    "Observation",
+    "Condition",
+    "Procedure",
+    "MedicationRequest",
+    "Immunization",
+    "DiagnosticReport",
+    "CarePlan",
+    "CareTeam",
+    "Claim",
+    "ExplanationOfBenefit",
+    "Schedule",
+    "Slot",
+    "Appointment",
+    "AllergyIntolerance",
+    "Device",
+    "DocumentReference",
+    "Goal",
+    "ImagingStudy",
+    "Medication",
+    "MedicationAdministration",
+    "Provenance",
+    "SupplyDelivery",
 ]
 
 _INTERACTIONS = [
-    "read", "vread", "update", "patch", "delete", "history-instance", "history-type",
-    "create", "search-type",
+    "read",
+    "vread",
+    "update",
+    "patch",
+    "delete",
+    "history-instance",
+    "history-type",
+    "create",
+    "search-type",
 ]
 
 _PARAM_TYPES = {
-    "_id": "token", "_lastUpdated": "date", "identifier": "token", "name": "string",
-    "family": "string", "given": "string", "birthdate": "date", "gender": "token",
-    "status": "token", "code": "token", "subject": "reference", "patient": "reference",
-    "date": "date", "schedule": "reference", "start": "date", "actor": "reference",
+    "_id": "token",
+    "_lastUpdated": "date",
+    "identifier": "token",
+    "name": "string",
+    "family": "string",
+    "given": "string",
+    "birthdate": "date",
+    "gender": "token",
+    "status": "token",
+    "code": "token",
+    "subject": "reference",
+    "patient": "reference",
+    "date": "date",
+    "schedule": "reference",
+    "start": "date",
+    "actor": "reference",
 }
 
 
@@ -40,19 +82,21 @@ def capability_statement(base_url: str, settings: Settings) -> dict[str, Any]:
             for p in supported_params(rtype)
             if not p.startswith("_count")
         ]
-        resources.append({
-            "type": rtype,
-            "interaction": [{"code": code} for code in _INTERACTIONS],
-            "versioning": "versioned-update",
-            "readHistory": True,
-            "updateCreate": True,
-            "conditionalCreate": True,
-            "conditionalRead": "not-supported",
-            "conditionalUpdate": True,
-            "conditionalDelete": "single",
-            "referencePolicy": ["literal", "local"],
-            "searchParam": params,
-        })
+        resources.append(
+            {
+                "type": rtype,
+                "interaction": [{"code": code} for code in _INTERACTIONS],
+                "versioning": "versioned-update",
+                "readHistory": True,
+                "updateCreate": True,
+                "conditionalCreate": True,
+                "conditionalRead": "not-supported",
+                "conditionalUpdate": True,
+                "conditionalDelete": "single",
+                "referencePolicy": ["literal", "local"],
+                "searchParam": params,
+            }
+        )
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -66,15 +110,17 @@ def capability_statement(base_url: str, settings: Settings) -> dict[str, Any]:
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
         "patchFormat": ["application/json-patch+json", "application/fhir+json"],
-        "rest": [{
-            "mode": "server",
-            "documentation": (
-                f"Bundles of type batch and transaction are answered synchronously up to "
-                f"{settings.sync_max_entries} entries; send 'Prefer: respond-async' to run any "
-                "size as a job (FHIR asynchronous request pattern). PUT [base] with a JSON "
-                "array or NDJSON performs a batch upsert."
-            ),
-            "resource": resources,
-            "interaction": [{"code": "transaction"}, {"code": "batch"}],
-        }],
+        "rest": [
+            {
+                "mode": "server",
+                "documentation": (
+                    f"Bundles of type batch and transaction are answered synchronously up to "
+                    f"{settings.sync_max_entries} entries; send 'Prefer: respond-async' to run any "
+                    "size as a job (FHIR asynchronous request pattern). PUT [base] with a JSON "
+                    "array or NDJSON performs a batch upsert."
+                ),
+                "resource": resources,
+                "interaction": [{"code": "transaction"}, {"code": "batch"}],
+            }
+        ],
     }

@@ -64,9 +64,7 @@ def execute_transaction(
     return out
 
 
-def response_bundle(
-    kind: str, results: Sequence[EntryResult], ctx: Context
-) -> dict[str, Any]:
+def response_bundle(kind: str, results: Sequence[EntryResult], ctx: Context) -> dict[str, Any]:
     """The `batch-response` / `transaction-response` Bundle for results in request order."""
     return {
         "resourceType": "Bundle",

@@ -97,7 +97,7 @@ def run_batch(conn: Connection, steps: list[Step], ctx: Context) -> None:
         if s.kind == "create" and s.id is None and s.result is None:
             s.id = new_id()
     writers = [s for s in live if s.result is None and s.writes]
-    _resolve_references(conn, writers, {}, fail)
+    _resolve_references(conn, writers, None, fail)
     _check_targets(conn, [s for s in writers if s.result is None], fail)
     # Entries touching the same resource run in request order, one wave each.
     seen: Counter[Key] = Counter()
@@ -134,17 +134,17 @@ def run_transaction(conn: Connection, steps: list[Step], ctx: Context) -> None:
             s.id = new_id()
     _check_overlap([s for s in deletes + others if s.writes and s.result is None])
     placeholders = {
-        s.full_url: f"{s.resource_type}/{s.id}"
-        for s in others
-        if s.full_url and s.id is not None
+        s.full_url: f"{s.resource_type}/{s.id}" for s in others if s.full_url and s.id is not None
     }
     writers = [s for s in others if s.writes]
     _resolve_references(conn, writers, placeholders, fail)
     _check_targets(conn, writers, fail)
     _write(conn, writers, fail, ctx)
     _answer_matches(conn, [s for s in others if s.matched])
+    # Reads change nothing, so a failed read is reported in its entry and does not fail the
+    # transaction (as the FHIR spec's example transaction notes).
     for s in by_method["GET"] + by_method["HEAD"]:
-        _read(conn, s, fail, ctx)
+        _read(conn, s, _Failures(transaction=False), ctx)
 
 
 # --------------------------------------------------------------------------- conditions
@@ -178,7 +178,9 @@ def _resolve_conditions(
     for resource_type, group in by_type.items():
         found = find_ids_many(conn, resource_type, [_query_of(s) for s in group])
         for s, ids in zip(group, found, strict=True):
-            key = condition_key(resource_type, _query_of(s))
+            # A create and an update on one condition stay two writes; only the same kind twice
+            # shares the first one's target.
+            key = s.kind + " " + condition_key(resource_type, _query_of(s))
             try:
                 _apply_match(s, ids, leaders.get(key))
             except FhirError as err:
@@ -193,7 +195,8 @@ def _apply_match(s: Step, ids: list[str], leader: Step | None) -> None:
     if len(ids) > 1:
         raise PreconditionFailed(
             f"The condition matches {len(ids)} resources; it must match one at most",
-            expression=where, code="multiple-matches",
+            expression=where,
+            code="multiple-matches",
         )
     if s.kind == "create":
         if ids:
@@ -234,7 +237,8 @@ def _check_overlap(steps: list[Step]) -> None:
             raise BadRequest(
                 f"{s.key[0]}/{s.key[1]} is touched by entries {seen[s.key].index} and {s.index};"
                 " a transaction may touch a resource once",
-                expression=f"{s.expr}.request.url", index=s.index,
+                expression=f"{s.expr}.request.url",
+                index=s.index,
             )
         seen[s.key] = s
 
@@ -243,7 +247,7 @@ def _check_overlap(steps: list[Step]) -> None:
 
 
 def _resolve_references(
-    conn: Connection, steps: list[Step], placeholders: dict[str, str], fail: _Failures
+    conn: Connection, steps: list[Step], placeholders: dict[str, str] | None, fail: _Failures
 ) -> None:
     """Rewrite placeholders and conditional references in the resources of write steps."""
     conditional: dict[str, list[Step]] = defaultdict(list)
@@ -254,7 +258,7 @@ def _resolve_references(
                     conditional[ref].append(s)
     resolved: dict[str, str] = {}
     by_type: dict[str, list[tuple[str, list[tuple[str, str]]]]] = defaultdict(list)
-    for ref, users in conditional.items():
+    for ref in conditional:
         rtype, _, qs = ref.partition("?")
         by_type[rtype].append((ref, parse_query_string(qs)))
     for rtype, items in by_type.items():
@@ -280,26 +284,32 @@ def _resolve_references(
                     code="multiple-matches",
                 )
             else:  # a reference to nothing is invalid content: 400, as for literal ones
-                err = BadRequest(f"Conditional reference '{ref}' matches no resource",
-                                 code="not-found")
+                err = BadRequest(
+                    f"Conditional reference '{ref}' matches no resource", code="not-found"
+                )
             for s in conditional[ref]:
                 _fail_ref(s, err, ref, fail)
 
+    mapping = placeholders or {}
+
     def replace(value: str) -> str | None:
-        return placeholders.get(value) or resolved.get(value)
+        return mapping.get(value) or resolved.get(value)
 
     for s in steps:
         if s.result is None and s.resource is not None and s.kind != "patch":
-            if placeholders or resolved:
+            if mapping or resolved:
                 rewrite_references(s.resource, replace)
-            if not placeholders:
+            if placeholders is None:  # batch: placeholders between entries are not resolved
                 continue
             for ref in iter_references(s.resource):
                 if is_placeholder(ref):
-                    fail(s, BadRequest(
-                        f"Reference '{ref}' names no entry of this transaction",
-                        expression=f"{s.expr}.resource",
-                    ))
+                    fail(
+                        s,
+                        BadRequest(
+                            f"Reference '{ref}' names no entry of this transaction",
+                            expression=f"{s.expr}.resource",
+                        ),
+                    )
                     break
 
 
@@ -332,10 +342,14 @@ def _check_targets(conn: Connection, steps: list[Step], fail: _Failures) -> None
             continue
         for s in users:
             if s.result is None:
-                fail(s, BadRequest(
-                    f"Reference '{target[0]}/{target[1]}' points to no existing resource",
-                    expression=f"{s.expr}.resource", code="not-found",
-                ))
+                fail(
+                    s,
+                    BadRequest(
+                        f"Reference '{target[0]}/{target[1]}' points to no existing resource",
+                        expression=f"{s.expr}.resource",
+                        code="not-found",
+                    ),
+                )
 
 
 # --------------------------------------------------------------------------- writes
@@ -348,8 +362,9 @@ def _write(conn: Connection, steps: list[Step], fail: _Failures, ctx: Context) -
     needs_state = [s for s in steps if s.kind == "patch" or s.if_match is not None]
     if needs_state:
         current = repo.lock_current(
-            conn, [s.key for s in needs_state if s.key], content=any(
-                s.kind == "patch" for s in needs_state)
+            conn,
+            [s.key for s in needs_state if s.key],
+            content=any(s.kind == "patch" for s in needs_state),
         )
         for s in needs_state:
             try:
@@ -364,7 +379,10 @@ def _write(conn: Connection, steps: list[Step], fail: _Failures, ctx: Context) -
             if hit:
                 version, when = hit
                 s.result = EntryResult(
-                    s.index, 204, etag=f'W/"{version}"', last_modified=when,
+                    s.index,
+                    204,
+                    etag=f'W/"{version}"',
+                    last_modified=when,
                     outcome=oo.informational("Deleted"),
                 )
             else:
@@ -381,8 +399,9 @@ def _write(conn: Connection, steps: list[Step], fail: _Failures, ctx: Context) -
     for (s, row), w in zip(rows, written, strict=True):
         status = 201 if w.created else 200
         text = "Created" if w.created else ("Updated" if w.changed else "Unchanged: no new version")
-        s.result = _resource_result(s.index, status, with_meta(row.content, w.version,
-                                                                 w.last_updated))
+        s.result = _resource_result(
+            s.index, status, with_meta(row.content, w.version, w.last_updated)
+        )
         s.result.outcome = oo.informational(text)
 
 
@@ -397,7 +416,9 @@ def _check_state(s: Step, cur: repo.Current | None) -> None:
     if s.kind != "patch":
         return
     if cur is None:
-        raise NotFound(f"{s.resource_type}/{s.id} does not exist", expression=f"{s.expr}.request.url")
+        raise NotFound(
+            f"{s.resource_type}/{s.id} does not exist", expression=f"{s.expr}.request.url"
+        )
     if cur.deleted:
         raise Gone(f"{s.resource_type}/{s.id} is deleted", expression=f"{s.expr}.request.url")
     s.resource = _patched(s, cur.content or {})
@@ -412,8 +433,13 @@ def _patched(s: Step, content: dict[str, Any]) -> dict[str, Any]:
     else:
         new = apply_fhirpath_patch(content, body, expression=where)
     try:
-        validate_resource(new, expression=s.resource_type, expected_type=s.resource_type,
-                          expected_id=s.id, require_id=True)
+        validate_resource(
+            new,
+            expression=s.resource_type,
+            expected_type=s.resource_type,
+            expected_id=s.id,
+            require_id=True,
+        )
     except FhirError as err:
         raise Unprocessable(
             f"The patched resource is not valid: {err.diagnostics}",
@@ -450,8 +476,9 @@ def _answer_matches(conn: Connection, steps: list[Step]) -> None:
         if cur is None or cur.content is None:
             s.result = EntryResult(s.index, 500, outcome=oo.internal_error("match vanished"))
             continue
-        s.result = _resource_result(s.index, 200, with_meta(cur.content, cur.version,
-                                                             cur.last_updated))
+        s.result = _resource_result(
+            s.index, 200, with_meta(cur.content, cur.version, cur.last_updated)
+        )
         s.result.outcome = oo.informational("Matched an existing resource (ifNoneExist)")
 
 
@@ -475,53 +502,70 @@ def _read_one(conn: Connection, s: Step, ctx: Context) -> EntryResult:
         raise NotFound(f"{s.key[0]}/{s.key[1]} is not known", expression=f"{s.expr}.request.url")
     if cur.deleted:
         raise Gone(f"{s.key[0]}/{s.key[1]} was deleted", expression=f"{s.expr}.request.url")
-    return _resource_result(s.index, 200, with_meta(cur.content or {}, cur.version,
-                                                    cur.last_updated))
+    return _resource_result(
+        s.index, 200, with_meta(cur.content or {}, cur.version, cur.last_updated)
+    )
 
 
 def _vread(conn: Connection, s: Step, ctx: Context) -> EntryResult:
     assert s.key is not None and s.url.version is not None
     if not s.url.version.isdigit():
-        raise NotFound(f"Version '{s.url.version}' is not known", expression=f"{s.expr}.request.url")
+        raise NotFound(
+            f"Version '{s.url.version}' is not known", expression=f"{s.expr}.request.url"
+        )
     cur = repo.read_version(conn, s.key, int(s.url.version))
     if cur is None:
-        raise NotFound(f"{s.key[0]}/{s.key[1]}/_history/{s.url.version} is not known",
-                       expression=f"{s.expr}.request.url")
+        raise NotFound(
+            f"{s.key[0]}/{s.key[1]}/_history/{s.url.version} is not known",
+            expression=f"{s.expr}.request.url",
+        )
     if cur.deleted:
-        raise Gone(f"{s.key[0]}/{s.key[1]} version {cur.version} is a deletion",
-                   expression=f"{s.expr}.request.url")
-    return _resource_result(s.index, 200, with_meta(cur.content or {}, cur.version,
-                                                    cur.last_updated))
+        raise Gone(
+            f"{s.key[0]}/{s.key[1]} version {cur.version} is a deletion",
+            expression=f"{s.expr}.request.url",
+        )
+    return _resource_result(
+        s.index, 200, with_meta(cur.content or {}, cur.version, cur.last_updated)
+    )
 
 
 def _history(conn: Connection, s: Step, ctx: Context) -> EntryResult:
     settings = get_settings()
     params = dict(s.url.query or [])
     try:
-        count = min(int(params.get("_count", settings.search_default_count)),
-                    settings.search_max_count)
+        count = min(
+            int(params.get("_count", settings.search_default_count)), settings.search_max_count
+        )
         offset = int(params.get("_offset", 0))
     except ValueError as exc:
-        raise BadRequest("_count and _offset must be integers",
-                         expression=f"{s.expr}.request.url") from exc
+        raise BadRequest(
+            "_count and _offset must be integers", expression=f"{s.expr}.request.url"
+        ) from exc
     total, rows = repo.read_history(conn, s.resource_type, s.id, count=count, offset=offset)
     entries = []
     for rtype, rid, cur, method in rows:
         entry: dict[str, Any] = {"fullUrl": f"{ctx.base_url}/{rtype}/{rid}"}
         if cur.content is not None and not cur.deleted:
             entry["resource"] = with_meta(cur.content, cur.version, cur.last_updated)
-        entry["request"] = {"method": method, "url": f"{rtype}/{rid}" if method != "POST"
-                            else rtype}
-        entry["response"] = {"status": "204" if cur.deleted else ("201" if cur.version == 1
-                                                                   else "200"),
-                             "etag": f'W/"{cur.version}"'}
+        entry["request"] = {
+            "method": method,
+            "url": f"{rtype}/{rid}" if method != "POST" else rtype,
+        }
+        entry["response"] = {
+            "status": "204" if cur.deleted else ("201" if cur.version == 1 else "200"),
+            "etag": f'W/"{cur.version}"',
+        }
         entries.append(entry)
     bundle = {"resourceType": "Bundle", "type": "history", "total": total, "entry": entries}
     path = f"{s.resource_type}/{s.id}/_history" if s.id else f"{s.resource_type}/_history"
     links = [{"relation": "self", "url": f"{ctx.base_url}/{path}?_count={count}&_offset={offset}"}]
     if offset + count < total:
-        links.append({"relation": "next",
-                      "url": f"{ctx.base_url}/{path}?_count={count}&_offset={offset + count}"})
+        links.append(
+            {
+                "relation": "next",
+                "url": f"{ctx.base_url}/{path}?_count={count}&_offset={offset + count}",
+            }
+        )
     bundle["link"] = links
     if s.id is not None and total == 0:
         raise NotFound(f"{s.resource_type}/{s.id} is not known", expression=f"{s.expr}.request.url")

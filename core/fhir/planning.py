@@ -81,7 +81,8 @@ def _require_type(url: RequestUrl, expr: str) -> str:
     if not known_resource_type(url.resource_type):
         raise BadRequest(
             f"'{url.resource_type}' is not a FHIR R4 resource type",
-            expression=f"{expr}.request.url", code="not-supported",
+            expression=f"{expr}.request.url",
+            code="not-supported",
         )
     return url.resource_type
 
@@ -103,13 +104,15 @@ def _plan(index: int, entry: Any, expr: str, transaction: bool) -> Step:
     if not isinstance(request, dict):
         raise BadRequest(
             f"{'Transaction' if transaction else 'Batch'} entries need a request",
-            expression=f"{expr}.request", code="required",
+            expression=f"{expr}.request",
+            code="required",
         )
     method = request.get("method")
     if method not in METHODS:
         raise BadRequest(
             f"request.method must be one of {', '.join(sorted(METHODS))}",
-            expression=f"{expr}.request.method", code="value",
+            expression=f"{expr}.request.method",
+            code="value",
         )
     url = parse_request_url(request.get("url"), expression=f"{expr}.request.url")
     resource_type = _require_type(url, expr)
@@ -148,12 +151,14 @@ def _plan(index: int, entry: Any, expr: str, transaction: bool) -> Step:
         ine = request.get("ifNoneExist")
         if ine:
             if not isinstance(ine, str):
-                raise BadRequest("ifNoneExist must be a string",
-                                 expression=f"{expr}.request.ifNoneExist")
+                raise BadRequest(
+                    "ifNoneExist must be a string", expression=f"{expr}.request.ifNoneExist"
+                )
             query = parse_query_string(ine.partition("?")[2] if "?" in ine else ine)
             if not query:
-                raise BadRequest("ifNoneExist has no search parameters",
-                                 expression=f"{expr}.request.ifNoneExist")
+                raise BadRequest(
+                    "ifNoneExist has no search parameters", expression=f"{expr}.request.ifNoneExist"
+                )
             _strict(resource_type, query, f"{expr}.request.ifNoneExist")
             step.if_none_exist = query
         return step
@@ -167,8 +172,9 @@ def _plan(index: int, entry: Any, expr: str, transaction: bool) -> Step:
                 expression=f"{expr}.request.url",
             )
         if not url.query:
-            raise BadRequest("Conditional URL has no search parameters",
-                             expression=f"{expr}.request.url")
+            raise BadRequest(
+                "Conditional URL has no search parameters", expression=f"{expr}.request.url"
+            )
         _strict(resource_type, url.query, f"{expr}.request.url")
         step.condition = url.query
     step.id = url.id
@@ -186,8 +192,10 @@ def _plan(index: int, entry: Any, expr: str, transaction: bool) -> Step:
         return step
     # PATCH
     step.kind = "patch"
-    if not isinstance(resource, dict) or resource.get("resourceType") not in ("Binary",
-                                                                              "Parameters"):
+    if not isinstance(resource, dict) or resource.get("resourceType") not in (
+        "Binary",
+        "Parameters",
+    ):
         raise BadRequest(
             "PATCH entries carry a Binary (JSON Patch) or a Parameters (FHIRPath Patch) resource",
             expression=f"{expr}.resource",
@@ -218,8 +226,9 @@ def _checked_resource(
     resource: Any, expr: str, resource_type: str, url_id: str | None, *, require_id: bool
 ) -> dict[str, Any]:
     if not isinstance(resource, dict):
-        raise BadRequest("This entry needs a resource", expression=f"{expr}.resource",
-                         code="required")
+        raise BadRequest(
+            "This entry needs a resource", expression=f"{expr}.resource", code="required"
+        )
     validate_resource(
         resource,
         expression=f"{expr}.resource",

@@ -1,11 +1,11 @@
 """Parsing of request URLs (`Bundle.entry.request.url` and REST paths) into what they address.
 
-    Patient                     type-level: create, search, type history
-    Patient/123                 instance: read, update, patch, delete
-    Patient/123/_history/2      vread
-    Patient/123/_history        instance history
-    Patient?identifier=a|b      conditional (update / delete / patch) or search
-    Patient/_search             search by POST
+Patient                     type-level: create, search, type history
+Patient/123                 instance: read, update, patch, delete
+Patient/123/_history/2      vread
+Patient/123/_history        instance history
+Patient?identifier=a|b      conditional (update / delete / patch) or search
+Patient/_search             search by POST
 """
 
 from __future__ import annotations

@@ -81,8 +81,10 @@ def lock_conditions(conn: Connection, conditions: Sequence[str]) -> None:
     if not conditions:
         return
     keys = sorted(
-        {int.from_bytes(hashlib.blake2b(c.encode(), digest_size=8).digest(), "big", signed=True)
-         for c in conditions}
+        {
+            int.from_bytes(hashlib.blake2b(c.encode(), digest_size=8).digest(), "big", signed=True)
+            for c in conditions
+        }
     )
     conn.exec_driver_sql(
         "SELECT pg_advisory_xact_lock(k) FROM unnest(%(k)s::bigint[]) AS k ORDER BY k",
@@ -90,8 +92,9 @@ def lock_conditions(conn: Connection, conditions: Sequence[str]) -> None:
     )
 
 
-def _select_current(conn: Connection, keys: Sequence[Key], *, lock: bool, content: bool
-                    ) -> dict[Key, Current]:
+def _select_current(
+    conn: Connection, keys: Sequence[Key], *, lock: bool, content: bool
+) -> dict[Key, Current]:
     if not keys:
         return {}
     cols = "r.res_type, r.res_id, r.version, r.last_updated, r.deleted"
@@ -115,14 +118,16 @@ def _select_current(conn: Connection, keys: Sequence[Key], *, lock: bool, conten
     return out
 
 
-def read_current(conn: Connection, keys: Sequence[Key], *, content: bool = True
-                 ) -> dict[Key, Current]:
+def read_current(
+    conn: Connection, keys: Sequence[Key], *, content: bool = True
+) -> dict[Key, Current]:
     """Current state of each key that exists (deleted ones included, flagged)."""
     return _select_current(conn, keys, lock=False, content=content)
 
 
-def lock_current(conn: Connection, keys: Sequence[Key], *, content: bool = False
-                 ) -> dict[Key, Current]:
+def lock_current(
+    conn: Connection, keys: Sequence[Key], *, content: bool = False
+) -> dict[Key, Current]:
     """Like read_current, but row-locks them until the caller's transaction ends."""
     return _select_current(conn, keys, lock=True, content=content)
 
@@ -182,8 +187,17 @@ def write_resources(conn: Connection, rows: Sequence[WriteRow]) -> list[Written]
     if not rows:
         return []
     params: dict[str, list[Any]] = {
-        "t": [], "i": [], "c": [], "tok": [], "lo": [], "hi": [], "m": [],
-        "st": [], "si": [], "sp": [], "sv": [],
+        "t": [],
+        "i": [],
+        "c": [],
+        "tok": [],
+        "lo": [],
+        "hi": [],
+        "m": [],
+        "st": [],
+        "si": [],
+        "sp": [],
+        "sv": [],
     }
     for row in rows:
         t, i = row.key
@@ -236,9 +250,7 @@ def delete_resources(conn: Connection, keys: Sequence[Key]) -> dict[Key, tuple[i
     """Delete (as a new, deleted version) every key that exists and isn't deleted yet."""
     if not keys:
         return {}
-    return {
-        (r[0], r[1]): (r[2], r[3]) for r in conn.exec_driver_sql(_DELETE, _keys_params(keys))
-    }
+    return {(r[0], r[1]): (r[2], r[3]) for r in conn.exec_driver_sql(_DELETE, _keys_params(keys))}
 
 
 def read_version(conn: Connection, key: Key, version: int) -> Current | None:
