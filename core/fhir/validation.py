@@ -393,7 +393,7 @@ def validate_resource(
     try:
         _validator(rtype).validate_python(resource)
     except ValidationError as err:
-        raise _bad_request(err, root) from None
+        raise _bad_request(err, root, resource) from None
 
 
 def _show(value: object, limit: int = 60) -> str:
@@ -408,7 +408,7 @@ _STRUCTURE_ERRORS = frozenset({
 _REQUIRED_ERRORS = frozenset({"missing", "fhir_required"})
 
 
-def _bad_request(err: ValidationError, root: str) -> BadRequest:
+def _bad_request(err: ValidationError, root: str, resource: dict[str, Any]) -> BadRequest:
     problems: list[tuple[str, str, str]] = []
     for item in err.errors(include_url=False):
         kind = item["type"]
@@ -416,7 +416,7 @@ def _bad_request(err: ValidationError, root: str) -> BadRequest:
         ctx = item.get("ctx") or {}
         if "element" in ctx:
             loc = (*loc, ctx["element"])
-        path = fhirpath_of(root, loc)
+        path = fhirpath_of(root, _choice_names(resource, loc))
         if kind in _REQUIRED_ERRORS:
             code, text = "required", "required element is missing"
         elif kind in _STRUCTURE_ERRORS:
@@ -446,6 +446,38 @@ def _value_text(kind: str, item: Any) -> str:
     else:
         text = _VALUE_TEXT.get(kind) or item["msg"]
     return f"{text}, got {_show(given)}"
+
+
+def _choice_names(resource: dict[str, Any], loc: tuple[Any, ...]) -> list[Any]:
+    """JSON location → FHIRPath names: a choice element is named without its type
+    (`valueQuantity` → `value`), as FHIRPath (and OperationOutcome.expression) name it."""
+    out: list[Any] = []
+    data: Any = resource
+    model = _model_for(str(resource.get("resourceType")))
+    for part in loc:
+        if isinstance(part, int):
+            out.append(part)
+            data = data[part] if isinstance(data, list) and part < len(data) else None
+            if isinstance(data, dict) and isinstance(data.get("resourceType"), str):
+                model = _model_for(data["resourceType"])  # a contained resource
+            continue
+        element = _element(model, part.lstrip("_")) if model is not None else None
+        out.append(element.choice if element is not None and element.choice else part)
+        data = data.get(part) if isinstance(data, dict) else None
+        if isinstance(data, dict) and isinstance(data.get("resourceType"), str):
+            model = _model_for(data["resourceType"])
+        else:
+            model = element.model if element is not None else None
+    return out
+
+
+def _element(model: Model, key: str) -> _Element | None:
+    return _element_index(model).get(key)
+
+
+@cache
+def _element_index(model: Model) -> dict[str, _Element]:
+    return {e.key: e for e in _elements(model)}
 
 
 _VALUE_TEXT = {
@@ -575,7 +607,7 @@ def element_repeats(resource_type: str, keys: Sequence[str]) -> bool | None:
     for depth, key in enumerate(keys):
         if model is None:
             return None
-        found = next((e for e in _elements(model) if e.key == key), None)
+        found = _element(model, key)
         if found is None:
             return None
         if depth == len(keys) - 1:

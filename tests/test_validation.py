@@ -1,0 +1,463 @@
+"""Structural validation, the FHIR id rule, R4 types and JSON-bomb limits (no database)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+from core.errors import BadRequest, FhirError
+from core.fhir.validation import (
+    R4_RESOURCE_TYPES,
+    RawDepthScanner,
+    _validator,
+    check_json_limits,
+    check_raw_depth,
+    element_repeats,
+    is_valid_id,
+    known_resource_type,
+    validate_resource,
+)
+
+SYNTHEA = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthea"
+
+
+def _error(resource: Any, **kwargs: Any) -> FhirError:
+    with pytest.raises(FhirError) as caught:
+        validate_resource(resource, **kwargs)
+    return caught.value
+
+
+def obs(**extra: Any) -> dict[str, Any]:
+    return {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, **extra}
+
+
+# --------------------------------------------------------------------------------------------
+# Ids and types
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "ok"), [
+    ("a", True),
+    ("Patient-1.2", True),
+    ("0" * 64, True),
+    ("0" * 65, False),
+    ("", False),
+    ("a b", False),
+    ("a_b", False),
+    ("a/b", False),
+    ("é", False),
+    ("abc\n", False),
+])
+def test_id_rule(value: str, ok: bool) -> None:
+    assert is_valid_id(value) is ok
+
+
+@pytest.mark.parametrize(("name", "ok"), [
+    ("Patient", True),
+    ("Observation", True),
+    ("Bundle", True),
+    ("Binary", True),
+    ("Parameters", True),
+    ("Slot", True),
+    ("MedicinalProduct", True),  # R4 only (R4B removed it)
+    ("EffectEvidenceSynthesis", True),
+    ("SubscriptionTopic", False),  # R4B only
+    ("MedicinalProductDefinition", False),
+    ("Resource", False),  # abstract
+    ("DomainResource", False),
+    ("patient", False),
+    ("Foo", False),
+    ("", False),
+])
+def test_known_resource_type(name: str, ok: bool) -> None:
+    assert known_resource_type(name) is ok
+
+
+def test_r4_has_146_resource_types() -> None:
+    assert len(R4_RESOURCE_TYPES) == 146
+
+
+def test_every_r4_type_compiles_and_accepts_a_minimal_instance() -> None:
+    for rtype in sorted(R4_RESOURCE_TYPES):
+        _validator(rtype)
+    validate_resource({"resourceType": "Basic", "code": {"text": "x"}})
+    validate_resource({"resourceType": "Binary", "contentType": "text/plain", "data": "aGk="})
+    validate_resource({"resourceType": "Parameters", "parameter": [{"name": "a",
+                                                                    "valueInteger": 1}]})
+
+
+@pytest.mark.parametrize(("rtype", "keys", "expected"), [
+    ("Patient", ["name"], True),
+    ("Patient", ["name", "family"], False),
+    ("Patient", ["name", "given"], True),
+    ("Patient", ["contact", "telecom"], True),
+    ("Patient", ["birthDate"], False),
+    ("Patient", ["deceasedBoolean"], False),
+    ("Patient", ["deceased"], None),
+    ("Patient", ["nosuch"], None),
+    ("Observation", ["component", "valueQuantity", "value"], False),
+    ("MedicinalProduct", ["name"], None),  # no R4 model
+])
+def test_element_repeats(rtype: str, keys: list[str], expected: bool | None) -> None:
+    assert element_repeats(rtype, keys) is expected
+
+
+# --------------------------------------------------------------------------------------------
+# validate_resource: what is rejected, with which code and where
+# --------------------------------------------------------------------------------------------
+
+INVALID: list[tuple[str, Any, dict[str, Any], str, list[str]]] = [
+    # (case, resource, kwargs, code, expression)
+    ("not an object", ["Patient"], {}, "structure", []),
+    ("no resourceType", {"id": "a"}, {}, "required", ["Resource.resourceType"]),
+    ("unknown type", {"resourceType": "Foo"}, {}, "not-supported", ["Resource.resourceType"]),
+    ("R4B-only type", {"resourceType": "SubscriptionTopic"}, {}, "not-supported",
+     ["Resource.resourceType"]),
+    ("type differs from URL", {"resourceType": "Patient"}, {"expected_type": "Observation"},
+     "invalid", ["Patient.resourceType"]),
+    ("bad id", {"resourceType": "Patient", "id": "a b"}, {}, "value", ["Patient.id"]),
+    ("id too long", {"resourceType": "Patient", "id": "x" * 65}, {}, "value", ["Patient.id"]),
+    ("id differs from URL", {"resourceType": "Patient", "id": "a"}, {"expected_id": "b"},
+     "invalid", ["Patient.id"]),
+    ("id missing, URL has one", {"resourceType": "Patient"}, {"expected_id": "b"}, "required",
+     ["Patient.id"]),
+    ("id required", {"resourceType": "Patient"}, {"require_id": True}, "required",
+     ["Patient.id"]),
+    ("unknown element", {"resourceType": "Patient", "nickname": "x"}, {}, "structure",
+     ["Patient.nickname"]),
+    ("unknown nested element", {"resourceType": "Patient", "name": [{"given": ["a"]},
+                                                                  {"first": "x"}]},
+     {}, "structure", ["Patient.name[1].first"]),
+    ("bad date", {"resourceType": "Patient", "birthDate": "1990-13-01"}, {}, "value",
+     ["Patient.birthDate"]),
+    ("not a calendar date", {"resourceType": "Patient", "birthDate": "2023-02-30"}, {}, "value",
+     ["Patient.birthDate"]),
+    ("dateTime without zone", obs(effectiveDateTime="2020-01-01T10:00:00"), {}, "value",
+     ["Observation.effective"]),
+    ("instant without time", {"resourceType": "Patient", "meta": {"lastUpdated": "2024-01-01"}},
+     {}, "value", ["Patient.meta.lastUpdated"]),
+    ("string for boolean", {"resourceType": "Patient", "active": "true"}, {}, "value",
+     ["Patient.active"]),
+    ("string for integer", {"resourceType": "Patient", "multipleBirthInteger": "3"}, {},
+     "value", ["Patient.multipleBirth"]),
+    ("bool for decimal", obs(valueQuantity={"value": True}), {}, "value",
+     ["Observation.value.value"]),
+    ("negative unsignedInt", {"resourceType": "Questionnaire", "status": "draft",
+                              "item": [{"linkId": "1", "type": "string",
+                                        "maxLength": 0.5}]}, {}, "value",
+     ["Questionnaire.item[0].maxLength"]),
+    ("null element", {"resourceType": "Patient", "gender": None}, {}, "value",
+     ["Patient.gender"]),
+    ("null in complex array", {"resourceType": "Patient", "name": [None]}, {}, "structure",
+     ["Patient.name[0]"]),
+    ("empty string", {"resourceType": "Patient", "gender": ""}, {}, "value", ["Patient.gender"]),
+    ("object for array", {"resourceType": "Patient", "name": {"family": "x"}}, {}, "structure",
+     ["Patient.name"]),
+    ("array for object", {"resourceType": "Patient", "maritalStatus": [{"text": "x"}]}, {},
+     "structure", ["Patient.maritalStatus"]),
+    ("two types for value[x]", obs(valueString="a", valueBoolean=True), {}, "structure",
+     ["Observation.value"]),
+    ("missing required primitive", {"resourceType": "Observation", "code": {"text": "x"}}, {},
+     "required", ["Observation.status"]),
+    ("missing required complex", {"resourceType": "Observation", "status": "final"}, {},
+     "required", ["Observation.code"]),
+    ("extension without url", {"resourceType": "Patient", "extension": [{"valueString": "a"}]},
+     {}, "required", ["Patient.extension[0].url"]),
+    ("bad primitive extension", {"resourceType": "Patient", "_birthDate": {"extension": [
+        {"url": "http://x", "valueString": "a", "valueCode": "b"}]}}, {}, "structure",
+     ["Patient.birthDate.extension[0].value"]),
+    ("bad contained resource", {"resourceType": "Patient", "contained": [
+        {"resourceType": "Observation", "status": "final"}]}, {}, "required",
+     ["Patient.contained[0].code"]),
+    ("unknown contained type", {"resourceType": "Patient", "contained": [{"resourceType": "X"}]},
+     {}, "structure", ["Patient.contained[0]"]),
+    ("bad resource in a Bundle", {"resourceType": "Bundle", "type": "collection", "entry": [
+        {"resource": {"resourceType": "Patient", "birthDate": "x"}}]}, {}, "value",
+     ["Bundle.entry[0].resource.birthDate"]),
+    ("R4-only type: base elements still checked", {"resourceType": "MedicinalProduct",
+                                                   "meta": {"versionId": 1}}, {}, "value",
+     ["MedicinalProduct.meta.versionId"]),
+]
+
+
+@pytest.mark.parametrize(("case", "resource", "kwargs", "code", "expression"), INVALID,
+                         ids=[c[0] for c in INVALID])
+def test_invalid_resources(case: str, resource: Any, kwargs: dict[str, Any], code: str,
+                           expression: list[str]) -> None:
+    err = _error(resource, **kwargs)
+    assert isinstance(err, BadRequest)
+    assert err.status == 400
+    assert err.code == code
+    assert err.expression == expression
+    assert err.diagnostics
+
+
+def test_expression_prefix_and_every_problem_listed() -> None:
+    patient = {"resourceType": "Patient", "birthDate": "x", "gender": 1, "name": [{"foo": 1}]}
+    err = _error(patient, expression="Bundle.entry[3].resource")
+    assert sorted(err.expression) == [
+        "Bundle.entry[3].resource.birthDate",
+        "Bundle.entry[3].resource.gender",
+        "Bundle.entry[3].resource.name[0].foo",
+    ]
+    assert "3 problems" in err.diagnostics
+    assert "Bundle.entry[3].resource.name[0].foo: unknown element" in err.diagnostics
+
+
+def test_error_diagnostics_cap_the_list() -> None:
+    patient = {"resourceType": "Patient", **{f"x{i}": i for i in range(50)}}
+    err = _error(patient)
+    assert len(err.expression) == 50
+    assert "and 30 more" in err.diagnostics
+
+
+VALID: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+    ("minimal", {"resourceType": "Patient"}, {}),
+    ("with our own meta", {"resourceType": "Patient", "id": "p1", "meta": {
+        "versionId": "12", "lastUpdated": "2024-07-17T06:56:48.506Z"}},
+     {"expected_type": "Patient", "expected_id": "p1", "require_id": True}),
+    ("choice type", obs(valueQuantity={"value": 1.5, "unit": "mg"}), {}),
+    ("integer is a valid decimal", obs(valueQuantity={"value": 2}), {}),
+    ("required primitive given by extension only",
+     {"resourceType": "Observation", "code": {"text": "x"},
+      "_status": {"extension": [{"url": "http://x", "valueString": "unknown"}]}}, {}),
+    ("primitive array with aligned extensions",
+     {"resourceType": "Patient", "name": [{"given": ["a", "b"], "_given": [None, {
+         "extension": [{"url": "http://x", "valueCode": "c"}]}]}]}, {}),
+    ("partial dates", {"resourceType": "Patient", "birthDate": "1970-02"}, {}),
+    ("leap day", {"resourceType": "Patient", "birthDate": "2024-02-29"}, {}),
+    ("dateTime with zone", obs(effectiveDateTime="2020-01-01T10:00:00+14:00"), {}),
+    ("contained resource", {"resourceType": "Patient", "contained": [obs(id="o1")]}, {}),
+    ("R4-only type, unknown elements stored", {"resourceType": "MedicinalProduct", "id": "m",
+                                               "name": [{"productName": "x"}]}, {}),
+    ("unicode text", {"resourceType": "Patient", "name": [{"text": "Zoë 李"}]}, {}),
+]
+
+
+@pytest.mark.parametrize(("case", "resource", "kwargs"), VALID, ids=[c[0] for c in VALID])
+def test_valid_resources(case: str, resource: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    validate_resource(resource, **kwargs)
+
+
+def test_validation_does_not_modify_the_resource() -> None:
+    resource = obs(valueQuantity={"value": 2}, effectiveDateTime="2020-01-01T10:00:00Z")
+    before = json.dumps(resource, sort_keys=True)
+    validate_resource(resource)
+    assert json.dumps(resource, sort_keys=True) == before
+
+
+# Cases where fhirq is deliberately stricter than fhir.resources (FHIR JSON forbids them, the
+# library coerces or allows them).
+STRICTER_THAN_LIBRARY = {
+    "string for boolean", "string for integer", "null element",
+    "id too long",  # the library allows 255 characters
+    "R4-only type: base elements still checked",  # the library has no such model
+}
+
+
+@pytest.mark.parametrize(("case", "resource"), [
+    (c[0], c[1]) for c in INVALID
+    if isinstance(c[1], dict) and not c[2] and c[0] not in STRICTER_THAN_LIBRARY
+    and known_resource_type(str(c[1].get("resourceType")))
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_library_agrees_with_our_rejections(case: str, resource: dict[str, Any]) -> None:
+    # The compiled schema invents no rules: apart from the documented stricter JSON checks,
+    # what we reject the library rejects too (and the Synthea test shows we accept what it
+    # accepts).
+    with pytest.raises((ValidationError, ValueError, KeyError)):
+        get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+
+
+@pytest.mark.parametrize(("case", "resource"), [
+    ("string for boolean", {"resourceType": "Patient", "active": "true"}),
+    ("null element", {"resourceType": "Patient", "gender": None}),
+])
+def test_library_is_laxer_on_json_types(case: str, resource: dict[str, Any]) -> None:
+    get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+    with pytest.raises(BadRequest):
+        validate_resource(resource)
+
+
+# --------------------------------------------------------------------------------------------
+# Real Synthea data
+# --------------------------------------------------------------------------------------------
+
+
+def _smallest_synthea_bundles(count: int) -> list[Path]:
+    if not SYNTHEA.is_dir():
+        pytest.skip(f"Synthea sample data not found at {SYNTHEA}")
+    files = sorted(SYNTHEA.glob("*.json"), key=lambda p: p.stat().st_size)
+    return files[:count]
+
+
+def test_synthea_resources_validate() -> None:
+    resources = []
+    for path in _smallest_synthea_bundles(3):
+        bundle = orjson.loads(path.read_bytes())
+        validate_resource(bundle)  # the whole transaction Bundle, every entry's resource inside
+        resources += [e["resource"] for e in bundle["entry"]]
+    assert len(resources) > 500
+    for i, resource in enumerate(resources):
+        validate_resource(resource, expression=f"entry[{i}]")
+    # ...and the library agrees on a sample, type by type.
+    seen: set[str] = set()
+    for resource in resources:
+        if resource["resourceType"] not in seen:
+            seen.add(resource["resourceType"])
+            get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+
+
+def test_mutated_synthea_resources_are_rejected_where_broken() -> None:
+    path = _smallest_synthea_bundles(1)[0]
+    bundle = orjson.loads(path.read_bytes())
+    patient = next(e["resource"] for e in bundle["entry"]
+                   if e["resource"]["resourceType"] == "Patient")
+    patient["name"][0]["given"].append(7)
+    patient["address"][0]["unknownThing"] = "x"
+    err = _error(patient, expression="Bundle.entry[0].resource")
+    given = len(patient["name"][0]["given"]) - 1
+    assert sorted(err.expression) == [
+        "Bundle.entry[0].resource.address[0].unknownThing",
+        f"Bundle.entry[0].resource.name[0].given[{given}]",
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# JSON bombs
+# --------------------------------------------------------------------------------------------
+
+
+def _nested(depth: int) -> Any:
+    value: Any = "leaf"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(("value", "ok"), [
+    ({"a": 1}, True),
+    (_nested(10), True),
+    (_nested(11), False),
+    ({"a": {"b": {"c": _nested(7)}}}, True),
+    ({"a": {"b": {"c": _nested(8)}}}, False),
+    ("x" * 100, True),
+    ("x" * 101, False),
+    ("é" * 50, True),  # 100 UTF-8 bytes
+    ("é" * 51, False),  # 102 bytes although 51 characters
+    ({"k" * 101: 1}, False),  # names count too
+    (12345678901234567890, True),
+])
+def test_json_limits(value: Any, ok: bool) -> None:
+    if ok:
+        check_json_limits(value, max_depth=10, max_string_bytes=100)
+    else:
+        with pytest.raises(BadRequest) as caught:
+            check_json_limits(value, max_depth=10, max_string_bytes=100)
+        assert caught.value.code == "too-costly"
+
+
+def test_json_limits_point_at_the_culprit() -> None:
+    bundle = {"resourceType": "Bundle", "entry": [
+        {"resource": {"resourceType": "Patient"}},
+        {"resource": {"resourceType": "Patient", "name": [{"given": ["ok", "x" * 500]}]}},
+    ]}
+    with pytest.raises(BadRequest) as caught:
+        check_json_limits(bundle, max_depth=64, max_string_bytes=100)
+    assert caught.value.expression == ["Bundle.entry[1].resource.name[0].given[1]"]
+    assert "500 bytes" in caught.value.diagnostics
+
+    deep = {"resourceType": "Patient", "extension": [{"extension": [{"extension": [{}]}]}]}
+    with pytest.raises(BadRequest) as caught:
+        check_json_limits(deep, max_depth=5, max_string_bytes=100, expression="Bundle.entry[0]")
+    assert caught.value.expression == ["Bundle.entry[0].extension[0].extension[0].extension"]
+
+
+def test_json_limits_survive_a_100k_deep_value() -> None:
+    value = _nested(100_000)
+    with pytest.raises(BadRequest):
+        check_json_limits(value, max_depth=64, max_string_bytes=1000)
+
+
+def _true_depth(value: Any) -> int:
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, (dict, list)):
+            depth = max(depth, d)
+            stack.extend((c, d + 1) for c in (node.values() if isinstance(node, dict) else node))
+    return depth
+
+
+RAW_CASES = [
+    b'{"a": [1, 2, {"b": [[]]}]}',
+    b'{"s": "[[[[[[[[[[[[[[[[[[[[[[[[[["}',  # brackets in strings do not count
+    b'{"s": "]]]]]]]]]]]]]]]]]]]]]]]", "t": [[[[[[1]]]]]]}',
+    b'{"s": "quote \\" [[[[[[[[[[[[[[[[[[[[[ still in string"}',
+    b'{"s": "backslash \\\\", "t": [[[[[[[[[[[[1]]]]]]]]]]]]}',  # \\" ends the string
+    b'{"s": "\\\\\\" [[[[[[[[[[[[[[ escaped quote after backslash"}',
+    b'{"s": "\\u005b\\u005b\\u005b", "k\\"[": [[[1]]]}',
+    b'[]',
+    b'"just a string with [[[["',
+]
+
+
+@pytest.mark.parametrize("raw", RAW_CASES)
+def test_raw_depth_matches_parsed_depth(raw: bytes) -> None:
+    depth = _true_depth(json.loads(raw))
+    check_raw_depth(raw, depth)
+    if depth:
+        with pytest.raises(BadRequest):
+            check_raw_depth(raw, depth - 1)
+
+
+@pytest.mark.parametrize("raw", RAW_CASES)
+def test_raw_depth_scanner_handles_any_chunking(raw: bytes) -> None:
+    depth = _true_depth(json.loads(raw))
+    for size in (1, 2, 3, 7):
+        scanner = RawDepthScanner(depth)
+        for start in range(0, len(raw), size):
+            scanner.feed(raw[start:start + size])
+        if depth:
+            tight = RawDepthScanner(depth - 1)
+            with pytest.raises(BadRequest):
+                for start in range(0, len(raw), size):
+                    tight.feed(raw[start:start + size])
+
+
+def test_raw_depth_on_random_documents() -> None:
+    rng = random.Random(7)
+    alphabet = ['"', "\\", "[", "]", "{", "}", "a", " ", "é"]
+
+    def text() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+
+    def build(level: int) -> Any:
+        if level > 12 or rng.random() < 0.3:
+            return text()
+        if rng.random() < 0.5:
+            return [build(level + 1) for _ in range(rng.randint(0, 3))]
+        return {text(): build(level + 1) for _ in range(rng.randint(0, 3))}
+
+    for _ in range(200):
+        value = build(0)
+        raw = json.dumps(value, ensure_ascii=rng.random() < 0.5).encode()
+        depth = _true_depth(value)
+        check_raw_depth(raw, depth)
+        if depth:
+            with pytest.raises(BadRequest):
+                check_raw_depth(raw, depth - 1)
+
+
+def test_raw_depth_rejects_a_100k_deep_body_quickly() -> None:
+    raw = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(BadRequest) as caught:
+        check_raw_depth(raw, 64)
+    assert caught.value.code == "too-costly"
+    assert "64" in caught.value.diagnostics
