@@ -34,7 +34,7 @@ from core.fhir.references import (
     rewrite_references,
 )
 from core.fhir.search import find_ids_many, search
-from core.fhir.search_params import extract_index
+from core.fhir.search_params import extract_index, parse_query
 from core.fhir.urls import parse_query_string
 from core.fhir.validation import validate_resource
 from core.store import repository as repo
@@ -253,7 +253,9 @@ def _resolve_references(
     conditional: dict[str, list[Step]] = defaultdict(list)
     for s in steps:
         if s.result is None and s.resource is not None and s.kind != "patch":
-            for ref in iter_references(s.resource):
+            # One walk per resource: the references found here serve every later check.
+            refs = s.extra["refs"] = list(iter_references(s.resource))
+            for ref in refs:
                 if is_conditional_reference(ref):
                     conditional[ref].append(s)
     resolved: dict[str, str] = {}
@@ -265,8 +267,6 @@ def _resolve_references(
         valid: list[tuple[str, list[tuple[str, str]]]] = []
         for ref, query in items:
             try:
-                from core.fhir.search_params import parse_query
-
                 parse_query(rtype, query, strict=True)
                 valid.append((ref, query))
             except FhirError as err:
@@ -297,11 +297,13 @@ def _resolve_references(
 
     for s in steps:
         if s.result is None and s.resource is not None and s.kind != "patch":
-            if mapping or resolved:
+            refs = s.extra["refs"]
+            if mapping or (resolved and any(r in resolved for r in refs)):
                 rewrite_references(s.resource, replace)
+                refs = s.extra["refs"] = [replace(r) or r for r in refs]
             if placeholders is None:  # batch: placeholders between entries are not resolved
                 continue
-            for ref in iter_references(s.resource):
+            for ref in refs:
                 if is_placeholder(ref):
                     fail(
                         s,
@@ -330,7 +332,7 @@ def _check_targets(conn: Connection, steps: list[Step], fail: _Failures) -> None
     for s in steps:
         if s.result is not None or s.resource is None or s.kind == "patch":
             continue
-        for ref in iter_references(s.resource):
+        for ref in s.extra.get("refs", ()):
             target = literal_target(ref)
             if target is not None and target not in written:
                 wanted[target].append(s)
