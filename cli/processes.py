@@ -46,6 +46,10 @@ def api_argv(
         "--threads", str(threads),
         # Bounded so a stop never waits on a stuck request for gunicorn's default 30 s.
         "--graceful-timeout", "10",
+        # Import the app once in the master and fork: the FHIR schemas compiled at import are
+        # shared copy-on-write and start-up costs one import, not one per process. Safe while
+        # nothing opens a database connection at import time (engines are created lazily).
+        "--preload",
         *extra,
     ]  # fmt: skip
 
