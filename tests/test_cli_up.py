@@ -191,3 +191,51 @@ def test_curl_example_posts_a_valid_transaction_bundle() -> None:
     assert [e["request"]["method"] for e in body["entry"]] == ["POST", "POST"]
     placeholder = body["entry"][0]["fullUrl"]
     assert body["entry"][1]["resource"]["subject"]["reference"] == placeholder
+
+
+@pytest.mark.parametrize("depth", [1, 40])
+def test_redis_socket_fits_the_unix_socket_limit(tmp_path: Path, depth: int) -> None:
+    data_dir = tmp_path.joinpath(*["d" * 8] * depth)
+    sock = embedded.redis_socket(data_dir)
+    assert len(os.fsencode(sock)) <= 107
+    assert sock == embedded.redis_socket(data_dir)  # stable: a restart finds the same socket
+    if depth == 1:
+        assert sock.is_relative_to(data_dir)
+
+
+def test_db_upgrade_migrates_the_configured_database(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    monkeypatch.setenv("FHIRQ_DATABASE_URL", db_url)
+    result = CliRunner().invoke(cli, ["db", "upgrade"])
+    assert result.exit_code == 0, result.output
+    with psycopg2.connect(db_url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT version_num FROM alembic_version")
+        assert cur.fetchone() is not None
+    conn.close()
+
+
+def test_extension_modules_add_subcommands(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    import click
+
+    from cli import main
+
+    module = types.ModuleType("cli.example_commands")
+
+    def register(group: click.Group) -> None:
+        @group.command("hello")
+        def hello() -> None:
+            click.echo("hello from an extension")
+
+    module.register = register  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cli.example_commands", module)
+    monkeypatch.setattr(main, "EXTENSIONS", ("cli.example_commands", "cli.not_written_yet"))
+    group = click.Group("fhirq")
+    main._register_extensions(group)
+    assert list(group.commands) == ["hello"]
