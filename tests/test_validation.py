@@ -461,3 +461,17 @@ def test_raw_depth_rejects_a_100k_deep_body_quickly() -> None:
         check_raw_depth(raw, 64)
     assert caught.value.code == "too-costly"
     assert "64" in caught.value.diagnostics
+
+
+def test_validation_survives_absurd_nesting_without_json_limits() -> None:
+    extension: dict[str, Any] = {"url": "http://x", "valueString": "leaf"}
+    for _ in range(20_000):
+        extension = {"url": "http://x", "extension": [extension]}
+    err = _error({"resourceType": "Patient", "extension": [extension]})
+    assert err.code == "structure" and "nested too deeply" in err.diagnostics
+    assert len(err.diagnostics) < 10_000
+
+
+def test_messages_quote_values_briefly() -> None:
+    err = _error({"resourceType": "Patient", "birthDate": "x" * 100_000})
+    assert len(err.diagnostics) < 300

@@ -397,13 +397,20 @@ def validate_resource(
 
 
 def _show(value: object, limit: int = 60) -> str:
-    text = "null" if value is None else repr(value)
+    # Never repr a whole (possibly huge or deeply nested) JSON value into a message.
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    text = repr(value[:limit] if isinstance(value, str) else value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _STRUCTURE_ERRORS = frozenset({
     "extra_forbidden", "dict_type", "list_type", "fhir_choice", "fhir_resource",
-    "literal_error", "recursion_loop",
+    "literal_error", "recursion_loop", "recursion_depth_exceeded",
 })
 _REQUIRED_ERRORS = frozenset({"missing", "fhir_required"})
 
@@ -492,6 +499,7 @@ _STRUCTURE_TEXT = {
     "dict_type": "must be a JSON object",
     "list_type": "must be a JSON array (the element repeats)",
     "recursion_loop": "nested too deeply",
+    "recursion_depth_exceeded": "nested too deeply",
 }
 
 
