@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from core.errors import BadRequest, FhirError
 from core.fhir.validation import (
+    R4_ONLY_TYPES,
     R4_RESOURCE_TYPES,
     RawDepthScanner,
     _validator,
@@ -80,8 +81,34 @@ def test_known_resource_type(name: str, ok: bool) -> None:
     assert known_resource_type(name) is ok
 
 
-def test_r4_has_146_resource_types() -> None:
+# Concrete R4B types that R4 does not have (R4B release notes).
+R4B_ONLY = {
+    "AdministrableProductDefinition", "Citation", "ClinicalUseDefinition", "EvidenceReport",
+    "Ingredient", "ManufacturedItemDefinition", "MedicinalProductDefinition", "NutritionProduct",
+    "PackagedProductDefinition", "RegulatedAuthorization", "SubscriptionStatus",
+    "SubscriptionTopic", "SubstanceDefinition",
+}
+
+
+def test_r4_types_are_the_library_r4b_types_adjusted() -> None:
+    import importlib
+    import pkgutil
+
+    import fhir.resources.R4B as r4b
+    from fhir.resources.R4B.resource import Resource
+
+    library = set()
+    for module in pkgutil.iter_modules(r4b.__path__):
+        loaded = importlib.import_module(f"fhir.resources.R4B.{module.name}")
+        for name, value in vars(loaded).items():
+            if (isinstance(value, type) and issubclass(value, Resource)
+                    and value.__module__ == loaded.__name__
+                    and value.get_resource_type() == name):
+                library.add(name)
+    library -= {"Resource", "DomainResource"}
     assert len(R4_RESOURCE_TYPES) == 146
+    assert (library - R4B_ONLY) | R4_ONLY_TYPES == R4_RESOURCE_TYPES
+    assert not R4_ONLY_TYPES & library
 
 
 def test_every_r4_type_compiles_and_accepts_a_minimal_instance() -> None:

@@ -66,6 +66,7 @@ from pydantic_core import core_schema as cs
 from core.errors import BadRequest
 
 __all__ = [
+    "R4_ONLY_TYPES",
     "R4_RESOURCE_TYPES",
     "RawDepthScanner",
     "check_json_limits",
@@ -81,16 +82,43 @@ __all__ = [
 # R4 resource types
 # --------------------------------------------------------------------------------------------
 
-# Concrete resource types of R4B that R4 does not have.
-_R4B_ONLY = frozenset({
-    "AdministrableProductDefinition", "Citation", "ClinicalUseDefinition", "EvidenceReport",
-    "Ingredient", "ManufacturedItemDefinition", "MedicinalProductDefinition", "NutritionProduct",
-    "PackagedProductDefinition", "RegulatedAuthorization", "SubscriptionStatus",
-    "SubscriptionTopic", "SubstanceDefinition",
-})
-# R4 types that R4B removed; together with the restructured ones they are validated against
-# the DomainResource base only.
-_R4_ONLY = frozenset({
+# Every concrete R4 (4.0.1) resource type (resourcelist.html): 146 names, Bundle, Binary and
+# Parameters included; abstract Resource/DomainResource and R4B-only types excluded.
+_R4_NAMES = """
+Account ActivityDefinition AdverseEvent AllergyIntolerance Appointment AppointmentResponse
+AuditEvent Basic Binary BiologicallyDerivedProduct BodyStructure Bundle CapabilityStatement
+CarePlan CareTeam CatalogEntry ChargeItem ChargeItemDefinition Claim ClaimResponse
+ClinicalImpression CodeSystem Communication CommunicationRequest CompartmentDefinition
+Composition ConceptMap Condition Consent Contract Coverage CoverageEligibilityRequest
+CoverageEligibilityResponse DetectedIssue Device DeviceDefinition DeviceMetric DeviceRequest
+DeviceUseStatement DiagnosticReport DocumentManifest DocumentReference
+EffectEvidenceSynthesis Encounter Endpoint EnrollmentRequest EnrollmentResponse
+EpisodeOfCare EventDefinition Evidence EvidenceVariable ExampleScenario ExplanationOfBenefit
+FamilyMemberHistory Flag Goal GraphDefinition Group GuidanceResponse HealthcareService
+ImagingStudy Immunization ImmunizationEvaluation ImmunizationRecommendation
+ImplementationGuide InsurancePlan Invoice Library Linkage List Location Measure
+MeasureReport Media Medication MedicationAdministration MedicationDispense
+MedicationKnowledge MedicationRequest MedicationStatement MedicinalProduct
+MedicinalProductAuthorization MedicinalProductContraindication MedicinalProductIndication
+MedicinalProductIngredient MedicinalProductInteraction MedicinalProductManufactured
+MedicinalProductPackaged MedicinalProductPharmaceutical MedicinalProductUndesirableEffect
+MessageDefinition MessageHeader MolecularSequence NamingSystem NutritionOrder Observation
+ObservationDefinition OperationDefinition OperationOutcome Organization
+OrganizationAffiliation Parameters Patient PaymentNotice PaymentReconciliation Person
+PlanDefinition Practitioner PractitionerRole Procedure Provenance Questionnaire
+QuestionnaireResponse RelatedPerson RequestGroup ResearchDefinition
+ResearchElementDefinition ResearchStudy ResearchSubject RiskAssessment RiskEvidenceSynthesis
+Schedule SearchParameter ServiceRequest Slot Specimen SpecimenDefinition StructureDefinition
+StructureMap Subscription Substance SubstanceNucleicAcid SubstancePolymer SubstanceProtein
+SubstanceReferenceInformation SubstanceSourceMaterial SubstanceSpecification SupplyDelivery
+SupplyRequest Task TerminologyCapabilities TestReport TestScript ValueSet VerificationResult
+VisionPrescription
+"""
+R4_RESOURCE_TYPES: frozenset[str] = frozenset(_R4_NAMES.split())
+
+# R4 types without a usable R4B model, validated against the DomainResource base only: R4B
+# removed these (replaced by MedicinalProductDefinition, SubstanceDefinition, Evidence, ...)...
+R4_ONLY_TYPES = frozenset({
     "EffectEvidenceSynthesis", "MedicinalProduct", "MedicinalProductAuthorization",
     "MedicinalProductContraindication", "MedicinalProductIndication",
     "MedicinalProductIngredient", "MedicinalProductInteraction", "MedicinalProductManufactured",
@@ -99,36 +127,9 @@ _R4_ONLY = frozenset({
     "SubstancePolymer", "SubstanceProtein", "SubstanceReferenceInformation",
     "SubstanceSourceMaterial", "SubstanceSpecification",
 })
+# ...and restructured these two, so their R4B models would reject valid R4 instances.
 _R4B_RESTRUCTURED = frozenset({"Evidence", "EvidenceVariable"})
-_BASE_ONLY = _R4_ONLY | _R4B_RESTRUCTURED
-_ABSTRACT = frozenset({"Resource", "DomainResource"})
-
-
-def _r4b_resource_types() -> frozenset[str]:
-    from fhir.resources.R4B import fhirtypes
-
-    names = set()
-    for attr in dir(fhirtypes):
-        if not attr.endswith("Type"):
-            continue
-        name = attr[:-4]
-        try:
-            klass = get_fhir_model_class(name)
-        except (ValueError, ImportError, AttributeError):
-            continue
-        if (
-            isinstance(klass, type)
-            and issubclass(klass, FHIRAbstractModel)
-            and klass.has_resource_base()
-            and klass.get_resource_type() == name
-        ):
-            names.add(name)
-    return frozenset(names)
-
-
-_R4B_TYPES = _r4b_resource_types()
-#: Every concrete R4 (4.0.1) resource type: 146 names, Bundle, Binary and Parameters included.
-R4_RESOURCE_TYPES: frozenset[str] = frozenset((_R4B_TYPES - _R4B_ONLY - _ABSTRACT) | _R4_ONLY)
+_BASE_ONLY = R4_ONLY_TYPES | _R4B_RESTRUCTURED
 
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
@@ -598,7 +599,8 @@ def _primitive_name(annotation: Any, where: str) -> str:
 
 
 def _model_for(rtype: str) -> Model | None:
-    if rtype in _BASE_ONLY or rtype not in _R4B_TYPES:
+    # Imported on first use: importing every R4B model up front takes over a second.
+    if rtype in _BASE_ONLY or rtype not in R4_RESOURCE_TYPES:
         return None
     return get_fhir_model_class(rtype)
 
