@@ -28,8 +28,9 @@ How it validates, and why not `Model.model_validate`
     definitions once per resource type (element names, JSON names, types, cardinality,
     required elements, choice groups) and compile them into one pydantic-core schema of typed
     dicts, whose primitives are the FHIR regular expressions of datatypes.html. pydantic-core
-    then checks the whole resource in Rust: about 17 µs per Synthea resource (11x faster), with
-    Python code only for calendar dates, choice groups and required primitives. It is also
+    then checks the whole resource in Rust: 18-25 µs per Synthea resource instead of 190 µs
+    (90 µs instead of 840 µs for an ExplanationOfBenefit), with Python code only for calendar
+    dates, choice groups and required primitives. It is also
     stricter than the library where the library is laxer than FHIR JSON: `"true"` for a
     boolean, `"3"` for an integer, `null` for an element and empty strings are rejected.
 
