@@ -12,7 +12,7 @@ from flask import Request, Response, current_app, request
 from core.config import Settings
 from core.errors import BadRequest, FhirError, TooLarge
 from core.fhir.model import Context, EntryResult, PreferReturn
-from core.fhir.validation import check_raw_depth
+from core.fhir.validation import check_json_limits, check_raw_depth
 
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = ("application/fhir+json", "application/json", "application/json-patch+json")
@@ -87,11 +87,14 @@ def read_json(max_bytes: int, *, hint: str = "") -> Any:
 def parse_json(raw: bytes) -> Any:
     if not raw.strip():
         raise BadRequest("The request body is empty", code="required")
-    check_raw_depth(raw, settings().max_json_depth)
+    cfg = settings()
+    check_raw_depth(raw, cfg.max_json_depth)
     try:
-        return orjson.loads(raw)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"The body is not valid JSON: {exc}", code="structure") from exc
+    check_json_limits(value, max_depth=cfg.max_json_depth, max_string_bytes=cfg.max_string_bytes)
+    return value
 
 
 def fhir_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
