@@ -1,19 +1,46 @@
 """The Celery application. Broker: Redis (FHIRQ_REDIS_URL). Results live in PostgreSQL, so no
-result backend is configured."""
+result backend is configured.
+
+Delivery is at-least-once (`acks_late`; a task that dies is delivered again) and every task is
+idempotent against PostgreSQL. Time limits stay below the broker's visibility timeout, so a slow
+task is never handed to a second worker while it still runs. The reaper (beat) revives jobs
+whose messages were lost altogether.
+"""
 
 from __future__ import annotations
 
 from celery import Celery
 
 from core.config import get_settings
+from core.jobs.settings import job_settings
 
 settings = get_settings()
+jobs = job_settings()
 
-celery = Celery("fhirq", broker=settings.redis_url or "redis://127.0.0.1:6379/0")
+celery = Celery(
+    "fhirq",
+    broker=settings.redis_url or "redis://127.0.0.1:6379/0",
+    include=["worker.tasks"],
+)
 celery.conf.update(
     task_ignore_result=True,
     task_acks_late=True,
+    # A worker process killed mid-task (OOM, SIGKILL) leaves its message to be delivered again.
+    task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     task_serializer="json",
     accept_content=["json"],
+    task_default_queue=jobs.queue,
+    broker_transport_options={"visibility_timeout": jobs.visibility_timeout},
+    task_soft_time_limit=min(jobs.transaction_time_limit, jobs.visibility_timeout - 120),
+    task_time_limit=min(jobs.transaction_time_limit + 60, jobs.visibility_timeout - 60),
+    broker_connection_retry_on_startup=True,
+    beat_schedule={
+        "fhirq-reap-stalled-jobs": {
+            "task": "fhirq.reap",
+            "schedule": jobs.reaper_interval,
+            # A reap that waited longer than its interval is superseded by the next one.
+            "options": {"expires": jobs.reaper_interval},
+        },
+    },
 )

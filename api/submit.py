@@ -1,0 +1,86 @@
+"""Async submission (`Prefer: respond-async` on `POST [base]` / `PUT [base]`): check the
+envelope, persist the job and every entry, commit, then enqueue, and answer `202 Accepted` with
+the status URL in `Content-Location`.
+
+The body is streamed into PostgreSQL (see `core.jobs.intake`); it is never held whole in the
+API's memory. Headers: `Idempotency-Key` (same key and body → the same job), `X-Callback-Url`
+(POSTed the job's JSON status once when it ends).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Request, Response, g
+
+from api.http import base_url, fhir_response, prefer_return, settings
+from core.errors import BadRequest, TooLarge
+from core.fhir.outcome import informational
+from core.jobs import Submission, accept_job, job_settings
+from core.jobs.callback import valid_callback_url
+from core.store.db import get_engine
+
+__all__ = ["submit_async", "status_url"]
+
+log = logging.getLogger(__name__)
+
+NDJSON_TYPES = ("application/fhir+ndjson", "application/x-ndjson", "application/ndjson")
+MAX_KEY_LENGTH = 255
+
+
+def status_url(base: str, job_id: str) -> str:
+    return f"{base}/_async/{job_id}"
+
+
+def submit_async(kind: str, request: Request) -> Response:
+    """Accept `request` as a job of `kind` ("bundle": batch/transaction; "upsert": array or
+    NDJSON of resources). Must be called before anything reads the request body."""
+    if kind not in ("bundle", "upsert"):
+        raise ValueError(f"unknown submission kind {kind!r}")
+    cfg, jobs = settings(), job_settings()
+    ndjson = (request.mimetype or "").lower() in NDJSON_TYPES
+    if ndjson and kind == "bundle":
+        raise BadRequest("A Bundle is one JSON document, not NDJSON", code="not-supported")
+    length = request.content_length
+    if length is not None and length > cfg.async_max_bytes:
+        raise TooLarge(
+            f"The body has {length} bytes; a job takes at most {cfg.async_max_bytes} "
+            "(FHIRQ_ASYNC_MAX_BYTES)."
+        )
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key.strip()) <= MAX_KEY_LENGTH):
+        raise BadRequest(f"Idempotency-Key must have 1 to {MAX_KEY_LENGTH} characters")
+    callback = request.headers.get("X-Callback-Url")
+    if callback is not None and not valid_callback_url(callback):
+        raise BadRequest("X-Callback-Url must be an absolute http(s) URL", code="value")
+
+    base = base_url(request)
+    sub = Submission(
+        kind=kind,  # type: ignore[arg-type]
+        owner=g.get("owner", "anonymous"),
+        base_url=base,
+        prefer_return=prefer_return(request),
+        ndjson=ndjson,
+        chunk_size=cfg.chunk_size,
+        max_bytes=cfg.async_max_bytes,
+        inflight_chunks=jobs.inflight_chunks,
+        idempotency_key=key.strip() if key else None,
+        callback_url=callback,
+    )
+    with get_engine().begin() as conn:
+        accepted = accept_job(conn, request.stream, sub)
+    if accepted.dispatches:
+        from worker.tasks import enqueue_safely
+
+        enqueue_safely(accepted.dispatches)
+
+    url = status_url(base, accepted.job_id)
+    headers = {"Content-Location": url, "X-Job-Id": accepted.job_id}
+    if accepted.replayed:
+        headers["Idempotent-Replayed"] = "true"
+        text = f"Job {accepted.job_id} was already submitted with this Idempotency-Key."
+    else:
+        text = f"Job {accepted.job_id} accepted: {accepted.total} {accepted.kind} entries."
+    log.info("job %s accepted (%s, %d entries, replayed=%s)", accepted.job_id, accepted.kind,
+             accepted.total, accepted.replayed)
+    return fhir_response(informational(f"{text} Poll {url} for the result."), 202, headers)

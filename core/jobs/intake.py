@@ -1,0 +1,440 @@
+"""Accepting a submission: the job row and all its entries, persisted with bounded memory.
+
+A JSON body (a Bundle, or an upsert array) is never parsed in Python. It is streamed with COPY
+into one unlogged `job_upload` row, then split by PostgreSQL's own JSON parser into `job_entry`
+rows (`json_each` + `json_array_elements ... WITH ORDINALITY`) in one statement; the staging row
+is deleted before commit. Peak API memory is one read buffer, whatever the body size.
+NDJSON is streamed line by line: each line is checked with orjson and COPied as one entry; a line
+that is not JSON becomes a 400 result in its place at once.
+
+`Idempotency-Key`: the same owner, key and body (SHA-256 of kind + body) give back the first job
+without a second run; another body under the same key is a 422.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Literal
+
+import orjson
+from psycopg2 import errors as pg_errors
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from core.errors import BadRequest, FhirError, TooLarge, Unprocessable
+from core.fhir.outcome import from_error
+from core.jobs.model import Dispatch, JobKind
+
+__all__ = ["Accepted", "Submission", "accept_job", "initial_dispatches"]
+
+READ_SIZE = 1 << 20
+WHITESPACE = b" \t\r\n"
+
+
+@dataclass(slots=True)
+class Submission:
+    """What the API learnt from the request, besides the body stream."""
+
+    kind: Literal["bundle", "upsert"]
+    owner: str
+    base_url: str
+    prefer_return: str = "representation"
+    ndjson: bool = False
+    chunk_size: int = 500
+    max_bytes: int = 250_000_000
+    inflight_chunks: int = 4
+    idempotency_key: str | None = None
+    callback_url: str | None = None
+
+
+@dataclass(slots=True)
+class Accepted:
+    job_id: str
+    kind: JobKind
+    total: int
+    replayed: bool = False  # an Idempotency-Key replay: the existing job, nothing new queued
+    dispatches: list[Dispatch] = field(default_factory=list)
+
+
+def accept_job(conn: Connection, body: BinaryIO, sub: Submission) -> Accepted:
+    """Persist a job and all its entries from `body`; return what to enqueue after commit.
+
+    Raises BadRequest / TooLarge / Unprocessable for a body that cannot become a job; the caller
+    rolls back, so nothing of it remains.
+    """
+    job_id = str(uuid.uuid4())
+    if sub.idempotency_key:
+        existing = _claim_idempotency_key(conn, job_id, sub)
+        if existing is not None:
+            return _replay(conn, existing, body, sub)
+    else:
+        _insert_job(conn, job_id, sub)
+
+    source = _BodySource(body, sub.max_bytes, hashing=bool(sub.idempotency_key), kind=sub.kind)
+    if sub.ndjson:
+        total, prefailed = _load_ndjson(conn, job_id, source)
+        kind: JobKind = "upsert"
+    else:
+        _upload(conn, job_id, source, expect=b"{" if sub.kind == "bundle" else b"[")
+        if sub.kind == "bundle":
+            kind, total = _split_bundle(conn, job_id)
+        else:
+            kind, total = "upsert", _split_array(conn, job_id)
+        prefailed = 0
+        conn.execute(text("DELETE FROM job_upload WHERE job_id = :id"), {"id": job_id})
+
+    finished = total == prefailed
+    conn.execute(
+        text(
+            """
+            UPDATE job SET kind = :kind, total = :total, done = :pre, failed = :pre,
+                body_hash = :hash,
+                prefer_return = CASE WHEN :kind = 'upsert' THEN 'representation'
+                                     ELSE prefer_return END,
+                state = CASE WHEN :finished THEN 'completed' ELSE state END,
+                started_at = CASE WHEN :finished THEN now() END,
+                finished_at = CASE WHEN :finished THEN now() END,
+                updated_at = now()
+            WHERE id = :id
+            """
+        ),
+        {
+            "id": job_id,
+            "kind": kind,
+            "total": total,
+            "pre": prefailed,
+            "hash": source.hexdigest(),
+            "finished": finished,
+        },
+    )
+    if finished:
+        dispatches = [Dispatch("callback", job_id)] if sub.callback_url else []
+    else:
+        dispatches = initial_dispatches(
+            job_id, kind, total - prefailed, sub.chunk_size, sub.inflight_chunks
+        )
+    return Accepted(job_id, kind, total, dispatches=dispatches)
+
+
+def initial_dispatches(
+    job_id: str, kind: JobKind, pending: int, chunk_size: int, inflight: int, gen: int = 0
+) -> list[Dispatch]:
+    """The first tasks of a job: the transaction, or up to `inflight` chunk chains."""
+    if pending <= 0:
+        return []
+    if kind == "transaction":
+        return [Dispatch("transaction", job_id, gen)]
+    chains = max(1, min(inflight, math.ceil(pending / max(1, chunk_size))))
+    return [Dispatch("chunk", job_id, gen)] * chains
+
+
+# --------------------------------------------------------------------------- job row
+
+
+def _insert_job(conn: Connection, job_id: str, sub: Submission) -> None:
+    conn.execute(
+        text(
+            """
+            INSERT INTO job (id, owner, kind, prefer_return, base_url, chunk_size,
+                             idempotency_key, callback_url, callback_state)
+            VALUES (:id, :owner, :kind, :prefer, :base, :chunk, :key, :cb,
+                    CASE WHEN :cb IS NULL THEN NULL ELSE 'pending' END)
+            """
+        ),
+        {
+            "id": job_id,
+            "owner": sub.owner,
+            "kind": "batch" if sub.kind == "bundle" else "upsert",
+            "prefer": sub.prefer_return,
+            "base": sub.base_url,
+            "chunk": max(1, sub.chunk_size),
+            "key": sub.idempotency_key,
+            "cb": sub.callback_url,
+        },
+    )
+
+
+def _find_by_key(conn: Connection, sub: Submission) -> dict[str, Any] | None:
+    row = conn.execute(
+        text(
+            "SELECT id, kind, total, body_hash FROM job "
+            "WHERE owner = :owner AND idempotency_key = :key"
+        ),
+        {"owner": sub.owner, "key": sub.idempotency_key},
+    ).mappings().first()
+    return dict(row) if row else None
+
+
+def _claim_idempotency_key(
+    conn: Connection, job_id: str, sub: Submission
+) -> dict[str, Any] | None:
+    """Insert the job under its key, or return the job that already holds the key.
+
+    The unique index makes a concurrent submission with the same key wait for ours to commit,
+    then fail here and be answered with our job.
+    """
+    existing = _find_by_key(conn, sub)
+    if existing is not None:
+        return existing
+    try:
+        with conn.begin_nested():
+            _insert_job(conn, job_id, sub)
+    except IntegrityError:
+        existing = _find_by_key(conn, sub)
+        if existing is None:  # pragma: no cover - the holder vanished between two statements
+            raise
+        return existing
+    return None
+
+
+def _replay(conn: Connection, existing: dict[str, Any], body: BinaryIO, sub: Submission
+            ) -> Accepted:
+    source = _BodySource(body, sub.max_bytes, hashing=True, kind=sub.kind)
+    for _ in source.chunks():
+        pass
+    if source.hexdigest() != existing["body_hash"]:
+        raise Unprocessable(
+            f"Idempotency-Key '{sub.idempotency_key}' was already used for another request "
+            f"body (job {existing['id']}); use a new key for a new submission.",
+            code="business-rule",
+        )
+    return Accepted(existing["id"], existing["kind"], existing["total"], replayed=True)
+
+
+# --------------------------------------------------------------------------- body streaming
+
+
+class _BodySource:
+    """The request body, read in bounded chunks, counted against the limit and hashed."""
+
+    def __init__(self, stream: BinaryIO, max_bytes: int, *, hashing: bool, kind: str) -> None:
+        self.stream = stream
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._hash = hashlib.sha256(kind.encode() + b"\n") if hashing else None
+
+    def chunks(self) -> Iterator[bytes]:
+        while True:
+            chunk = self.stream.read(READ_SIZE)
+            if not chunk:
+                return
+            self.size += len(chunk)
+            if self.size > self.max_bytes:
+                raise TooLarge(
+                    f"The body exceeds the limit of {self.max_bytes} bytes for a job "
+                    "(FHIRQ_ASYNC_MAX_BYTES)."
+                )
+            if self._hash is not None:
+                self._hash.update(chunk)
+            yield chunk
+
+    def hexdigest(self) -> str | None:
+        return self._hash.hexdigest() if self._hash is not None else None
+
+
+class _CopyReader:
+    """A file-like object for `copy_expert`: COPY text rows produced by a byte iterator.
+
+    psycopg2 swallows exceptions raised in `read()` (they surface as QueryCanceled); the
+    original is kept in `.error` so that the caller can re-raise the real cause.
+    """
+
+    def __init__(self, rows: Iterator[bytes]) -> None:
+        self.rows = rows
+        self.error: BaseException | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return next(self.rows, b"")
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+
+def _copy_escape(data: bytes) -> bytes:
+    """Escape for COPY's text format; JSON has no raw control characters but these."""
+    return (
+        data.replace(b"\\", b"\\\\")
+        .replace(b"\n", b"\\n")
+        .replace(b"\r", b"\\r")
+        .replace(b"\t", b"\\t")
+    )
+
+
+def _copy(conn: Connection, sql: str, rows: Iterator[bytes]) -> None:
+    reader = _CopyReader(rows)
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.copy_expert(sql, reader, size=READ_SIZE)
+    except Exception as exc:
+        if isinstance(reader.error, FhirError):
+            raise reader.error from None
+        if reader.error is not None:
+            raise reader.error from exc
+        raise _body_error(exc) from exc
+    finally:
+        cursor.close()
+
+
+def _upload(conn: Connection, job_id: str, source: _BodySource, *, expect: bytes) -> None:
+    def rows() -> Iterator[bytes]:
+        chunks = source.chunks()
+        first = b""
+        for chunk in chunks:
+            first = chunk.lstrip(WHITESPACE)
+            if first:
+                break
+        if not first:
+            raise BadRequest("The request body is empty", code="required")
+        if first[:1] != expect:
+            what = "a Bundle (JSON object)" if expect == b"{" else "a JSON array of resources"
+            raise BadRequest(f"The body must be {what}", code="structure", expression="$")
+        yield job_id.encode() + b"\t" + _copy_escape(first)
+        for chunk in chunks:
+            yield _copy_escape(chunk)
+        yield b"\n"
+
+    _copy(conn, "COPY job_upload (job_id, body) FROM STDIN", rows())
+
+
+def _body_error(exc: Exception) -> FhirError:
+    orig = getattr(exc, "orig", exc)
+    diag = getattr(orig, "diag", None)
+    message = (getattr(diag, "message_primary", None) or str(orig)).strip()
+    detail = getattr(diag, "message_detail", None)
+    if detail:
+        message = f"{message}: {detail}"
+    if isinstance(orig, pg_errors.StatementTooComplex):
+        return BadRequest("The body is nested too deeply", code="structure")
+    if isinstance(orig, pg_errors.ProgramLimitExceeded):
+        return TooLarge(f"The body is too large to be split: {message}")
+    if isinstance(orig, pg_errors.DataError):
+        return BadRequest(f"The body is not valid JSON ({message})", code="structure")
+    return exc if isinstance(exc, FhirError) else BadRequest(message, code="structure")
+
+
+def _split(conn: Connection, sql: str, params: dict[str, Any]) -> Any:
+    try:
+        return conn.execute(text(sql), params)
+    except DBAPIError as exc:
+        if isinstance(exc.orig, pg_errors.DataError | pg_errors.StatementTooComplex
+                      | pg_errors.ProgramLimitExceeded):
+            raise _body_error(exc) from exc
+        raise
+
+
+# One parse of the body for the top-level keys, one of the entry array: the envelope is
+# checked from the same materialised `json_each` rows the entries are split from.
+_SPLIT_BUNDLE = """
+WITH top AS MATERIALIZED (
+    SELECT t.key, t.value FROM job_upload u, json_each(u.body::json) AS t WHERE u.job_id = :id
+), envelope AS (
+    SELECT
+        (SELECT value #>> '{}' FROM top WHERE key = 'resourceType' LIMIT 1) AS resource_type,
+        (SELECT value #>> '{}' FROM top WHERE key = 'type' LIMIT 1) AS bundle_type,
+        (SELECT json_typeof(value) FROM top WHERE key = 'entry' LIMIT 1) AS entry_type,
+        (SELECT count(*) FROM top WHERE key IN ('resourceType', 'type', 'entry')) AS keys,
+        (SELECT count(DISTINCT key) FROM top WHERE key IN ('resourceType', 'type', 'entry'))
+            AS distinct_keys
+), ins AS (
+    INSERT INTO job_entry (job_id, idx, request)
+    SELECT :id, x.o - 1, x.e
+    FROM top, envelope, json_array_elements(top.value) WITH ORDINALITY AS x(e, o)
+    WHERE top.key = 'entry' AND envelope.entry_type = 'array'
+      AND envelope.resource_type = 'Bundle'
+      AND envelope.bundle_type IN ('batch', 'transaction')
+      AND envelope.keys = envelope.distinct_keys
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM ins) AS total, envelope.* FROM envelope
+"""
+
+_SPLIT_ARRAY = """
+INSERT INTO job_entry (job_id, idx, request)
+SELECT :id, x.o - 1, x.e
+FROM job_upload u, json_array_elements(u.body::json) WITH ORDINALITY AS x(e, o)
+WHERE u.job_id = :id
+"""
+
+
+def _split_bundle(conn: Connection, job_id: str) -> tuple[JobKind, int]:
+    row = _split(conn, _SPLIT_BUNDLE, {"id": job_id}).mappings().one()
+    if row["resource_type"] != "Bundle":
+        raise BadRequest(
+            f"Expected a Bundle, got resourceType '{row['resource_type']}'",
+            expression="Bundle.resourceType",
+        )
+    if row["bundle_type"] not in ("batch", "transaction"):
+        raise BadRequest(
+            f"Bundle.type must be 'batch' or 'transaction', not '{row['bundle_type']}'",
+            expression="Bundle.type",
+            code="value",
+        )
+    if row["keys"] != row["distinct_keys"]:
+        raise BadRequest(
+            "The Bundle repeats a property (resourceType, type or entry)",
+            expression="Bundle",
+            code="structure",
+        )
+    if row["entry_type"] not in (None, "array"):
+        raise BadRequest("Bundle.entry must be an array", expression="Bundle.entry")
+    return row["bundle_type"], int(row["total"])
+
+
+def _split_array(conn: Connection, job_id: str) -> int:
+    return _split(conn, _SPLIT_ARRAY, {"id": job_id}).rowcount
+
+
+# --------------------------------------------------------------------------- NDJSON
+
+
+def _load_ndjson(conn: Connection, job_id: str, source: _BodySource) -> tuple[int, int]:
+    """COPY one entry per non-blank line; a line that is not JSON is a 400 result at once."""
+    counts = {"total": 0, "failed": 0}
+    prefix = job_id.encode() + b"\t"
+
+    def lines() -> Iterator[bytes]:
+        rest = b""
+        for chunk in source.chunks():
+            parts = (rest + chunk).split(b"\n")
+            rest = parts.pop()
+            yield from parts
+        yield rest
+
+    def rows() -> Iterator[bytes]:
+        batch: list[bytes] = []
+        for line in lines():
+            line = line.strip(WHITESPACE)
+            if not line:
+                continue
+            index = counts["total"]
+            counts["total"] += 1
+            try:
+                orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                counts["failed"] += 1
+                err = BadRequest(
+                    f"Line {index + 1} is not valid JSON: {exc}",
+                    expression=f"[{index}]",
+                    code="structure",
+                )
+                row = b"\\N\t400\t" + _copy_escape(orjson.dumps(from_error(err))) + b"\tnow"
+            else:
+                row = _copy_escape(line) + b"\t\\N\t\\N\t\\N"
+            batch.append(prefix + str(index).encode() + b"\t" + row + b"\n")
+            if len(batch) >= 256:
+                yield b"".join(batch)
+                batch = []
+        if batch:
+            yield b"".join(batch)
+
+    _copy(
+        conn,
+        "COPY job_entry (job_id, idx, request, status, outcome, finished_at) FROM STDIN",
+        rows(),
+    )
+    return counts["total"], counts["failed"]

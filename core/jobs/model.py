@@ -1,0 +1,22 @@
+"""Plain data of the job machinery: states, kinds, and the follow-up work (`Dispatch`) that
+`core.jobs` functions return for the edge to enqueue once their transaction has committed."""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+__all__ = ["ACTIVE", "TERMINAL", "Dispatch", "JobKind", "JobState"]
+
+JobKind = Literal["batch", "transaction", "upsert"]
+JobState = Literal["accepted", "running", "completed", "failed", "cancelled"]
+
+ACTIVE = ("accepted", "running")
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+class Dispatch(NamedTuple):
+    """A task to send after commit. Carries ids only: entries stay in PostgreSQL."""
+
+    task: Literal["chunk", "transaction", "callback"]
+    job_id: str
+    gen: int = 0

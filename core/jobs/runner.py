@@ -1,0 +1,338 @@
+"""Running a job's entries: batch chunks and whole transactions, inside the caller's DB
+transaction (the worker's task base commits it).
+
+A batch chunk claims up to `chunk_size` pending entries (`FOR UPDATE SKIP LOCKED`), runs them
+through `execute_batch`, and writes every result row with one set-based UPDATE, all in the same
+transaction as the entries' effects: if the task dies, nothing of the chunk is committed and the
+entries are pending again; if it is redelivered after commit, it finds them done. Exactly-once
+effect on at-least-once delivery.
+
+Chunks are claimed by "the next pending entries of this job", not by fixed ranges, so any task of
+the job picks up entries that a dead task left behind. Each job has at most `inflight_chunks`
+chains of tasks: a chunk that found a full chunk of work enqueues its successor (if it belongs to
+the job's current dispatch generation), so a later job's tasks queue behind only a few chunks of
+an earlier one.
+
+Representations are not stored twice: a result that is a stored version keeps only
+(type, id, version), and the response bundle re-reads it from `resource_history`. Resources that
+are no stored version (search Bundles, reads without a location) are kept in `job_entry`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from psycopg2 import errors as pg_errors
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
+
+from core.errors import BadRequest, FhirError
+from core.fhir.bundle import upsert_entry
+from core.fhir.engine import execute_batch, execute_transaction
+from core.fhir.model import Context, EntryResult
+from core.fhir.outcome import from_error, internal_error
+from core.jobs.model import ACTIVE, Dispatch
+
+__all__ = ["JobCancelled", "run_chunk", "run_transaction_job", "upsert_outcome"]
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
+ATTEMPTS = 3
+
+
+class JobCancelled(Exception):
+    """The job was cancelled while this task ran: the task's work must be rolled back."""
+
+
+_JOB = """
+SELECT id, kind, state, owner, base_url, prefer_return, chunk_size, gen,
+       callback_url IS NOT NULL AS has_callback
+FROM job WHERE id = :id
+"""
+
+_CLAIM = """
+SELECT idx, request::text AS request FROM job_entry
+WHERE job_id = :id AND status IS NULL
+ORDER BY idx
+LIMIT :n
+FOR UPDATE SKIP LOCKED
+"""
+
+_WRITE_RESULTS = """
+UPDATE job_entry e SET
+    status = v.status, location = v.location, etag = v.etag, last_modified = v.last_modified,
+    outcome = v.outcome::jsonb, res_type = v.res_type, res_id = v.res_id,
+    res_version = v.res_version, resource = v.resource::jsonb, finished_at = now()
+FROM unnest(
+    CAST(:idx AS int[]), CAST(:status AS int[]), CAST(:location AS text[]),
+    CAST(:etag AS text[]), CAST(:last_modified AS timestamptz[]), CAST(:outcome AS text[]),
+    CAST(:res_type AS text[]), CAST(:res_id AS text[]), CAST(:res_version AS int[]),
+    CAST(:resource AS text[])
+) AS v(idx, status, location, etag, last_modified, outcome, res_type, res_id, res_version,
+       resource)
+WHERE e.job_id = :job_id AND e.idx = v.idx
+"""
+
+# Counters and state move together, and only while the job is active: a cancelled job's
+# running chunk finds no row here and rolls back.
+_COUNT = """
+UPDATE job SET
+    done = done + :n, succeeded = succeeded + :ok, failed = failed + :bad,
+    state = CASE WHEN done + :n >= total THEN 'completed' ELSE 'running' END,
+    started_at = coalesce(started_at, :t0),
+    finished_at = CASE WHEN done + :n >= total THEN now() ELSE finished_at END,
+    updated_at = now()
+WHERE id = :id AND state IN ('accepted', 'running')
+RETURNING state, gen
+"""
+
+
+def run_chunk(conn: Connection, job_id: str, gen: int) -> list[Dispatch]:
+    """Run the next chunk of a batch or upsert job; return the follow-up tasks."""
+    job = conn.execute(text(_JOB), {"id": job_id}).mappings().first()
+    if job is None or job["state"] not in ACTIVE or job["kind"] == "transaction":
+        return []
+    t0 = datetime.now(UTC)
+    rows = conn.execute(text(_CLAIM), {"id": job_id, "n": job["chunk_size"]}).all()
+    if not rows:
+        return []
+    ctx = Context(base_url=job["base_url"], prefer_return=job["prefer_return"],
+                  owner=job["owner"])
+    results = _run_batch(conn, job["kind"], rows, ctx)
+    write_results(conn, job_id, results, job["kind"], job["prefer_return"])
+    ok = sum(1 for r in results if r.ok)
+    row = conn.execute(
+        text(_COUNT),
+        {"id": job_id, "n": len(results), "ok": ok, "bad": len(results) - ok, "t0": t0},
+    ).first()
+    if row is None:
+        raise JobCancelled(job_id)
+    if row.state == "completed":
+        return [Dispatch("callback", job_id)] if job["has_callback"] else []
+    if len(rows) == job["chunk_size"] and gen == row.gen:
+        return [Dispatch("chunk", job_id, gen)]
+    return []
+
+
+def run_transaction_job(conn: Connection, job_id: str) -> list[Dispatch]:
+    """Run a transaction job whole: its results, or its failure and nothing written."""
+    # One runner per transaction job; a duplicate delivery returns at once instead of waiting.
+    locked = conn.execute(
+        text("SELECT pg_try_advisory_xact_lock(hashtext('fhirq.job'), hashtext(:id))"),
+        {"id": job_id},
+    ).scalar()
+    if not locked:
+        return []
+    job = conn.execute(text(_JOB), {"id": job_id}).mappings().first()
+    if job is None or job["state"] not in ACTIVE or job["kind"] != "transaction":
+        return []
+    t0 = datetime.now(UTC)
+    ctx = Context(base_url=job["base_url"], prefer_return=job["prefer_return"],
+                  owner=job["owner"])
+    rows = conn.execute(
+        text("SELECT idx, request::text FROM job_entry WHERE job_id = :id ORDER BY idx"),
+        {"id": job_id},
+    ).all()
+    for attempt in range(ATTEMPTS):
+        try:
+            with conn.begin_nested():
+                entries = [(idx, _decode(idx, raw)) for idx, raw in rows]
+                results = execute_transaction(conn, entries, ctx)
+                write_results(conn, job_id, results, "transaction", job["prefer_return"])
+                row = conn.execute(
+                    text(_COUNT),
+                    {"id": job_id, "n": len(results), "ok": len(results), "bad": 0, "t0": t0},
+                ).first()
+                if row is None:
+                    raise JobCancelled(job_id)
+            break
+        except FhirError as err:
+            _fail_transaction(conn, job_id, err, t0)
+            break
+        except DBAPIError as exc:
+            if isinstance(exc.orig, RETRYABLE) and attempt < ATTEMPTS - 1:
+                log.warning("job %s: retrying transaction after %s", job_id,
+                            type(exc.orig).__name__)
+                continue
+            log.exception("job %s: transaction failed in the database", job_id)
+            _fail_transaction(conn, job_id, None, t0)
+            break
+        except JobCancelled:
+            raise
+        except Exception:
+            log.exception("job %s: transaction failed unexpectedly", job_id)
+            _fail_transaction(conn, job_id, None, t0)
+            break
+    return [Dispatch("callback", job_id)] if job["has_callback"] else []
+
+
+def _fail_transaction(conn: Connection, job_id: str, err: FhirError | None, t0: datetime
+                      ) -> None:
+    """Record a failed transaction: the OperationOutcome with its status, and the failing
+    entry's result row (the other entries stay without a result: none took effect)."""
+    body = from_error(err) if err is not None else internal_error(
+        "The transaction failed on an internal error; nothing was written."
+    )
+    status = err.status if err is not None else 500
+    index = err.index if err is not None else None
+    if index is not None:
+        conn.execute(
+            text(
+                "UPDATE job_entry SET status = :status, outcome = CAST(:outcome AS jsonb), "
+                "finished_at = now() WHERE job_id = :id AND idx = :idx"
+            ),
+            {"id": job_id, "idx": index, "status": status, "outcome": orjson.dumps(body).decode()},
+        )
+    row = conn.execute(
+        text(
+            """
+            UPDATE job SET state = 'failed', outcome = CAST(:outcome AS jsonb),
+                outcome_status = :status, done = :n, failed = :n,
+                started_at = coalesce(started_at, :t0), finished_at = now(), updated_at = now()
+            WHERE id = :id AND state IN ('accepted', 'running')
+            RETURNING id
+            """
+        ),
+        {
+            "id": job_id,
+            "outcome": orjson.dumps(body).decode(),
+            "status": status,
+            "n": 1 if index is not None else 0,
+            "t0": t0,
+        },
+    ).first()
+    if row is None:
+        raise JobCancelled(job_id)
+
+
+# --------------------------------------------------------------------------- batch chunk
+
+
+def _decode(index: int, raw: str | None) -> Any:
+    if raw is None:
+        raise BadRequest("The entry is not valid JSON", expression=f"Bundle.entry[{index}]",
+                         index=index)
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        # PostgreSQL accepted it; orjson refuses e.g. nesting deeper than it supports.
+        raise BadRequest(f"The entry cannot be read: {exc}", code="structure",
+                         expression=f"Bundle.entry[{index}]", index=index) from exc
+
+
+def _run_batch(conn: Connection, kind: str, rows: Sequence[Any], ctx: Context
+               ) -> list[EntryResult]:
+    """Results for the claimed rows in index order; no entry can fail another."""
+    results: dict[int, EntryResult] = {}
+    entries: list[tuple[int, dict[str, Any]]] = []
+    for idx, raw in rows:
+        try:
+            element = _decode(idx, raw)
+            entries.append((idx, upsert_entry(element, idx) if kind == "upsert" else element))
+        except FhirError as err:
+            results[idx] = EntryResult(idx, err.status, outcome=from_error(err))
+    if entries:
+        for r in _execute(conn, entries, ctx):
+            results[r.index] = r
+    out = [results[idx] for idx, _ in rows]
+    if kind == "upsert":
+        for r in out:
+            if r.outcome is not None and not r.ok:
+                r.outcome = upsert_outcome(r.outcome, r.index)
+    return out
+
+
+def _execute(conn: Connection, entries: list[tuple[int, dict[str, Any]]], ctx: Context
+             ) -> list[EntryResult]:
+    """`execute_batch` in a savepoint, retried on deadlock; if it breaks on something else,
+    each entry runs alone so that only the culprit gets a 500."""
+    for attempt in range(ATTEMPTS):
+        try:
+            with conn.begin_nested():
+                return execute_batch(conn, entries, ctx)
+        except DBAPIError as exc:
+            if not isinstance(exc.orig, RETRYABLE):
+                log.exception("chunk failed in the database; isolating its entries")
+                break
+            log.warning("retrying chunk after %s (attempt %d)", type(exc.orig).__name__,
+                        attempt + 1)
+        except Exception:
+            log.exception("chunk failed unexpectedly; isolating its entries")
+            break
+    out: list[EntryResult] = []
+    for index, entry in entries:
+        try:
+            with conn.begin_nested():
+                out.extend(execute_batch(conn, [(index, entry)], ctx))
+        except Exception:
+            log.exception("entry %d failed unexpectedly", index)
+            out.append(EntryResult(index, 500, outcome=internal_error(
+                "This entry failed on an internal error; nothing of it was written."
+            )))
+    return out
+
+
+def upsert_outcome(body: dict[str, Any], index: int) -> dict[str, Any]:
+    """An upsert element is `[i]`, not `Bundle.entry[i].resource`: say so in expressions."""
+    for issue in body.get("issue", []):
+        if "expression" in issue:
+            issue["expression"] = [
+                e.replace(f"Bundle.entry[{index}].resource", f"[{index}]")
+                .replace(f"Bundle.entry[{index}]", f"[{index}]")
+                for e in issue["expression"]
+            ]
+    return body
+
+
+# --------------------------------------------------------------------------- result rows
+
+
+def _version_ref(location: str | None) -> tuple[str, str, int] | None:
+    """`Patient/1/_history/3` (possibly absolute) → ("Patient", "1", 3)."""
+    if not location:
+        return None
+    parts = location.rstrip("/").split("/")
+    if len(parts) < 4 or parts[-2] != "_history" or not parts[-1].isdigit():
+        return None
+    return parts[-4], parts[-3], int(parts[-1])
+
+
+def write_results(conn: Connection, job_id: str, results: Sequence[EntryResult], kind: str,
+                  prefer_return: str) -> None:
+    """One UPDATE for all result rows of a chunk."""
+    if not results:
+        return
+    wants_resource = kind == "upsert" or prefer_return == "representation"
+    cols: dict[str, list[Any]] = {k: [] for k in (
+        "idx", "status", "location", "etag", "last_modified", "outcome",
+        "res_type", "res_id", "res_version", "resource",
+    )}
+    for r in results:
+        ref = _version_ref(r.location)
+        resource = r.resource
+        keep: dict[str, Any] | None = None
+        if resource is not None and (
+            resource.get("resourceType") == "Bundle"
+            or (wants_resource and (
+                ref is None
+                or resource.get("resourceType") != ref[0]
+                or resource.get("id") != ref[1]
+            ))
+        ):
+            keep = resource
+        cols["idx"].append(r.index)
+        cols["status"].append(r.status)
+        cols["location"].append(r.location)
+        cols["etag"].append(r.etag)
+        cols["last_modified"].append(r.last_modified)
+        cols["outcome"].append(orjson.dumps(r.outcome).decode() if r.outcome else None)
+        cols["res_type"].append(ref[0] if ref else None)
+        cols["res_id"].append(ref[1] if ref else None)
+        cols["res_version"].append(ref[2] if ref else None)
+        cols["resource"].append(orjson.dumps(keep).decode() if keep is not None else None)
+    conn.execute(text(_WRITE_RESULTS), {"job_id": job_id, **cols})

@@ -1,0 +1,218 @@
+"""Fixtures and helpers for the job tests: real Celery worker processes on a Redis queue of
+this test session's own, a Flask client with the job endpoints, and polling helpers.
+
+Use with `from tests.jobs_helpers import *` (fixtures must be importable by name).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from sqlalchemy import Engine, text
+
+from tests.conftest import REDIS_URL
+
+__all__ = [
+    "QUEUE",
+    "WorkerProcess",
+    "api",
+    "jobs_env",
+    "worker",
+    "submit",
+    "wait_for",
+    "wait_job",
+    "scalar",
+    "patients_batch",
+]
+
+QUEUE = f"fhirq-test-{os.getpid()}"
+ROOT = Path(__file__).resolve().parent.parent
+
+# Small chunks and a fast reaper so that a test sees chunking, chaining and recovery in
+# seconds; every process of the session (this one and the workers) uses the same values.
+JOB_ENV = {
+    "FHIRQ_QUEUE": QUEUE,
+    "FHIRQ_REDIS_URL": REDIS_URL,
+    "FHIRQ_CHUNK_SIZE": "50",
+    "FHIRQ_JOB_INFLIGHT": "2",
+    "FHIRQ_JOB_STALL_SECONDS": "3",
+    "FHIRQ_REAPER_INTERVAL": "1",
+    "FHIRQ_CALLBACK_ATTEMPTS": "3",
+}
+
+
+@pytest.fixture(scope="session")
+def jobs_env(db_url: str) -> Iterator[dict[str, str]]:
+    saved = {k: os.environ.get(k) for k in JOB_ENV}
+    os.environ.update(JOB_ENV)
+    from worker.celery_app import celery
+
+    # The app may have been imported before these variables were set.
+    celery.conf.task_default_queue = QUEUE
+    celery.conf.broker_url = REDIS_URL
+    yield {**JOB_ENV, "FHIRQ_DATABASE_URL": db_url}
+    redis.Redis.from_url(REDIS_URL).delete(QUEUE)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+class WorkerProcess:
+    """`celery worker` (with an embedded beat for the reaper) as a child process group."""
+
+    def __init__(self, env: dict[str, str], concurrency: int = 2, beat: bool = True) -> None:
+        self.env = {**os.environ, **env}
+        self.concurrency = concurrency
+        self.beat = beat
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.dir = tempfile.mkdtemp(prefix="fhirq-worker-")
+        self.log = Path(self.dir) / "worker.log"
+
+    def start(self) -> WorkerProcess:
+        argv = [
+            sys.executable, "-m", "celery", "-A", "worker.celery_app:celery", "worker",
+            "--concurrency", str(self.concurrency), "--loglevel", "INFO",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "-n", f"test-{os.getpid()}-{time.monotonic_ns()}@%h",
+        ]  # fmt: skip
+        if self.beat:
+            argv += ["-B", "--schedule", str(Path(self.dir) / "beat-schedule")]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for(lambda: b"ready." in self.log.read_bytes(), 30, "the worker to start",
+                 on_timeout=self.tail)
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and pool children) at once."""
+        if self.proc is not None and self.alive:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.alive:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+@pytest.fixture(scope="session")
+def _session_worker(jobs_env: dict[str, str]) -> Iterator[WorkerProcess]:
+    w = WorkerProcess(jobs_env).start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture
+def worker(_session_worker: WorkerProcess, clean_db: Engine) -> WorkerProcess:
+    """The session's worker, restarted if a test killed it."""
+    if not _session_worker.alive:
+        _session_worker.start()
+    return _session_worker
+
+
+@pytest.fixture
+def api(jobs_env: dict[str, str], clean_db: Engine) -> Any:
+    """A Flask test client with the job endpoints; `X-Test-Owner` stands in for auth."""
+    from flask import g, request
+
+    from api import create_app
+    from api import jobs as job_api
+
+    app = create_app()
+    app.config["TESTING"] = True
+    if "jobs" not in app.blueprints:
+        job_api.register(app)
+
+    @app.before_request
+    def _owner() -> None:
+        if "X-Test-Owner" in request.headers:
+            g.owner = request.headers["X-Test-Owner"]
+
+    return app.test_client()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
+             on_timeout: Callable[[], str] | None = None, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = ("\n" + on_timeout()) if on_timeout else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+def submit(client: Any, body: Any, *, method: str = "POST",
+           content_type: str = "application/fhir+json", **headers: str) -> Any:
+    """Send a body with `Prefer: respond-async`; bytes are sent as they are."""
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    headers.setdefault("Prefer", "respond-async")
+    return client.open("/fhir", method=method, data=data, content_type=content_type,
+                       headers=headers)
+
+
+def job_id_of(response: Any) -> str:
+    assert response.status_code == 202, response.get_data(as_text=True)
+    return response.headers["Content-Location"].rsplit("/", 1)[-1]
+
+
+def wait_job(client: Any, job_id: str, states: tuple[str, ...] = ("completed", "failed"),
+             timeout: float = 60, worker: WorkerProcess | None = None, **headers: str
+             ) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        body = client.get(f"/jobs/{job_id}", headers=headers).json
+        return body if body["state"] in states else None
+
+    return wait_for(check, timeout, f"job {job_id} to reach {states}",
+                    on_timeout=worker.tail if worker else None, interval=0.2)
+
+
+def scalar(engine: Engine, sql: str, **params: Any) -> Any:
+    with engine.connect() as c:
+        return c.execute(text(sql), params).scalar_one()
+
+
+def patients_batch(n: int, tag: str = "t", *, bad: tuple[int, ...] = ()) -> dict[str, Any]:
+    """A batch of `n` Patient creates, identified `tag-i`; entries in `bad` are invalid."""
+    entries = []
+    for i in range(n):
+        resource: dict[str, Any] = {
+            "resourceType": "Patient",
+            "identifier": [{"system": "urn:test", "value": f"{tag}-{i}"}],
+            "name": [{"family": f"F{i}"}],
+        }
+        if i in bad:
+            resource["birthDate"] = "not-a-date"
+        entries.append({"resource": resource, "request": {"method": "POST", "url": "Patient"}})
+    return {"resourceType": "Bundle", "type": "batch", "entry": entries}

@@ -1,0 +1,115 @@
+"""Thin Celery tasks over `core.jobs`. Messages carry a job id and a dispatch generation only.
+
+`JobTask` owns the database transaction: the task body gets a connection, its work commits when
+the body returns and rolls back when it raises; the follow-up tasks it returns are sent only
+after that commit, so no message can name uncommitted state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from celery import Task
+from sqlalchemy import Connection
+
+from core.jobs import (
+    Dispatch,
+    JobCancelled,
+    claim_callback,
+    finish_callback,
+    get_job,
+    job_json,
+    job_settings,
+    jobs_url_for,
+    reap,
+    run_chunk,
+    run_transaction_job,
+)
+from core.jobs.callback import deliver
+from core.store.db import get_engine
+from worker.celery_app import celery
+
+__all__ = ["JobTask", "enqueue"]
+
+log = logging.getLogger(__name__)
+
+
+class JobTask(Task):
+    """Runs `run(conn, *args)` in one DB transaction, then enqueues what it returned."""
+
+    abstract = True
+    typing = False  # the body takes `conn` first; Celery must not check call arguments
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            with get_engine().begin() as conn:
+                dispatches = self.run(conn, *args, **kwargs)
+        except JobCancelled:
+            log.info("%s%r: job cancelled while running; its work was rolled back",
+                     self.name, args)
+            return
+        enqueue(dispatches or ())
+
+
+@celery.task(base=JobTask, name="fhirq.chunk", soft_time_limit=job_settings().chunk_time_limit,
+             time_limit=job_settings().chunk_time_limit + 30)
+def chunk(conn: Connection, job_id: str, gen: int) -> list[Dispatch]:
+    return run_chunk(conn, job_id, gen)
+
+
+@celery.task(base=JobTask, name="fhirq.transaction")
+def transaction(conn: Connection, job_id: str, gen: int = 0) -> list[Dispatch]:
+    return run_transaction_job(conn, job_id)
+
+
+@celery.task(base=JobTask, name="fhirq.reap")
+def reaper(conn: Connection) -> list[Dispatch]:
+    cfg = job_settings()
+    return reap(conn, cfg.stall_seconds, cfg.inflight_chunks)
+
+
+@celery.task(name="fhirq.callback", bind=True, max_retries=None)
+def callback(self: Task, job_id: str) -> None:
+    """POST the job's status to its callback URL, once. Two short transactions around the
+    HTTP call: the claim (so no other task sends it) and the outcome."""
+    cfg = job_settings()
+    with get_engine().begin() as conn:
+        claim = claim_callback(conn, job_id)
+        if claim is None:
+            return
+        job = get_job(conn, job_id, claim["owner"])
+    assert job is not None
+    payload = job_json(job, jobs_url=jobs_url_for(job["base_url"]))
+    sent = deliver(claim["callback_url"], payload, cfg.callback_timeout)
+    attempt = self.request.retries + 1
+    final = sent or attempt >= cfg.callback_attempts
+    with get_engine().begin() as conn:
+        finish_callback(conn, job_id, sent=sent, final=final)
+    if not final:
+        raise self.retry(countdown=min(60, 2**attempt))
+
+
+_TASKS = {"chunk": chunk, "transaction": transaction, "callback": callback}
+
+
+def enqueue(dispatches: Iterable[Dispatch]) -> None:
+    """Send follow-up tasks. Call only after the transaction that produced them committed."""
+    for d in dispatches:
+        task = _TASKS[d.task]
+        if d.task == "callback":
+            task.apply_async((d.job_id,))
+        else:
+            task.apply_async((d.job_id, d.gen))
+
+
+def enqueue_safely(dispatches: Sequence[Dispatch]) -> bool:
+    """`enqueue` for the API: a broker outage must not fail a request whose job is committed
+    (the reaper sends the job's tasks once the broker is back). False if sending failed."""
+    try:
+        enqueue(dispatches)
+    except Exception:  # noqa: BLE001 - any broker failure; the job is safe in PostgreSQL
+        log.exception("could not enqueue %d task(s); the reaper will send them", len(dispatches))
+        return False
+    return True
