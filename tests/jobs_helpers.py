@@ -28,6 +28,7 @@ __all__ = [
     "WorkerProcess",
     "api",
     "jobs_env",
+    "session_worker",
     "worker",
     "submit",
     "wait_for",
@@ -125,18 +126,18 @@ class WorkerProcess:
 
 
 @pytest.fixture(scope="session")
-def _session_worker(jobs_env: dict[str, str]) -> Iterator[WorkerProcess]:
+def session_worker(jobs_env: dict[str, str]) -> Iterator[WorkerProcess]:
     w = WorkerProcess(jobs_env).start()
     yield w
     w.stop()
 
 
 @pytest.fixture
-def worker(_session_worker: WorkerProcess, clean_db: Engine) -> WorkerProcess:
+def worker(session_worker: WorkerProcess, clean_db: Engine) -> WorkerProcess:
     """The session's worker, restarted if a test killed it."""
-    if not _session_worker.alive:
-        _session_worker.start()
-    return _session_worker
+    if not session_worker.alive:
+        session_worker.start()
+    return session_worker
 
 
 @pytest.fixture
