@@ -7,6 +7,7 @@ Use with `from tests.jobs_helpers import *` (fixtures must be importable by name
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,6 +131,7 @@ def session_worker(jobs_env: dict[str, str]) -> Iterator[WorkerProcess]:
     w = WorkerProcess(jobs_env).start()
     yield w
     w.stop()
+    shutil.rmtree(w.dir, ignore_errors=True)
 
 
 @pytest.fixture
