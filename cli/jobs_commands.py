@@ -22,7 +22,7 @@ import httpx
 import orjson
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 __all__ = ["register", "submit", "status", "results", "jobs"]
 
@@ -126,7 +126,7 @@ def _wait(client: httpx.Client, job_ids: list[str]) -> bool:
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed:>9,.0f}/{task.total:,.0f}"),
+        TextColumn("{task.fields[counts]}"),
         TextColumn("[red]{task.fields[failed]:,} failed"),
         TextColumn("{task.fields[rate]} entries/s"),
         TextColumn("{task.fields[state]}"),
@@ -135,7 +135,8 @@ def _wait(client: httpx.Client, job_ids: list[str]) -> bool:
     final: dict[str, dict[str, Any]] = {}
     with Progress(*columns, console=console) as progress:
         bars: dict[str, TaskID] = {
-            j: progress.add_task(j[:8], total=None, failed=0, rate="-", state="accepted")
+            j: progress.add_task(j[:8], total=None, counts="", failed=0, rate="-",
+                                 state="accepted")
             for j in job_ids
         }
         while len(final) < len(job_ids):
@@ -148,6 +149,7 @@ def _wait(client: httpx.Client, job_ids: list[str]) -> bool:
                 job = response.json()
                 counts = job["counts"]
                 progress.update(bar, total=counts["total"], completed=counts["done"],
+                                counts=f"{counts['done']:>9,}/{counts['total']:,}",
                                 failed=counts["failed"], state=job["state"],
                                 rate=f"{job['rate']:,.0f}" if job.get("rate") else "-")
                 if job["state"] in TERMINAL:
@@ -205,9 +207,9 @@ def results(job_id: str, failed: bool, bundle: bool, page_size: int, server: str
                     out.write(chunk)
             out.write(b"\n")
             return
-        params: dict[str, Any] = {"_count": page_size}
+        params: dict[str, Any] | None = {"_count": page_size}
         if failed:
-            params["outcome"] = "failed"
+            params = {**params, "outcome": "failed"}
         url: str | None = f"/jobs/{job_id}/entries"
         while url:
             response = client.get(url, params=params)
@@ -216,7 +218,7 @@ def results(job_id: str, failed: bool, bundle: bool, page_size: int, server: str
             page = response.json()
             for entry in page["entries"]:
                 out.write(orjson.dumps(entry) + b"\n")
-            url, params = page.get("next"), {}
+            url, params = page.get("next"), None  # `next` carries its own query
 
 
 @click.command("jobs")
@@ -233,7 +235,8 @@ def jobs(state: str | None, count: int, server: str, token: str | None) -> None:
         response = client.get("/jobs", params=params)
     if response.status_code != 200:
         _fail(response)
-    table = Table("id", "kind", "state", "done", "failed", "total", "entries/s", "created")
+    table = Table("kind", "state", "done", "failed", "total", "entries/s", "created")
+    table.columns.insert(0, Column("id", no_wrap=True, min_width=36))
     for job in response.json()["jobs"]:
         c = job["counts"]
         table.add_row(job["id"], job["kind"], job["state"], f"{c['done']:,}", f"{c['failed']:,}",

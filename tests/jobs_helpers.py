@@ -219,3 +219,50 @@ def patients_batch(n: int, tag: str = "t", *, bad: tuple[int, ...] = ()) -> dict
             resource["birthDate"] = "not-a-date"
         entries.append({"resource": resource, "request": {"method": "POST", "url": "Patient"}})
     return {"resourceType": "Bundle", "type": "batch", "entry": entries}
+
+
+def jobs_app() -> Any:
+    """WSGI app with the job endpoints, for a real server in tests (`gunicorn 'mod:jobs_app()'`)."""
+    from api import create_app
+    from api import jobs as job_api
+
+    app = create_app()
+    if "jobs" not in app.blueprints:
+        job_api.register(app)
+    return app
+
+
+class ApiServer:
+    """gunicorn serving `jobs_app()` on a free loopback port."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **env}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ApiServer:
+        argv = [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{self.port}", "-w", "1",
+                "--threads", "4", "tests.jobs_helpers:jobs_app()"]
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, start_new_session=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+        def up() -> bool:
+            import httpx
+
+            try:
+                return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, 30, "the API server")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(20)
