@@ -1,0 +1,143 @@
+"""The raw PostgreSQL baseline: COPY of a workload's resource rows, as the store would hold them,
+into scratch tables created `LIKE <store table> INCLUDING ALL` (same columns, same indexes:
+the tokens GIN, the date and last_updated btrees, the string index).
+
+The rows are what the engine writes for the same resources — stored content (id set, server
+meta removed), `tokens`, `date_lo` / `date_hi` and the `resource_string` rows, all computed by
+`core.fhir.search_params.extract_index` — prepared in memory beforehand, so the timed part is
+PostgreSQL alone: three COPYs (resource, history, strings) and the commit.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import psycopg2
+
+from core.fhir.references import is_placeholder, rewrite_references
+from core.fhir.search_params import extract_index
+
+__all__ = ["CopyRows", "copy_rows", "prepare_rows", "resolve_placeholders", "time_copy"]
+
+SCRATCH = {
+    "resource": "bench_resource",
+    "resource_history": "bench_resource_history",
+    "resource_string": "bench_resource_string",
+}
+
+
+@dataclass(frozen=True)
+class CopyRows:
+    """COPY text for the three store tables, and how many resources it holds."""
+
+    resource: bytes
+    history: bytes
+    strings: bytes
+    count: int
+
+    @property
+    def bytes(self) -> int:
+        return len(self.resource) + len(self.history) + len(self.strings)
+
+
+def _esc(text: str) -> str:
+    """A field in COPY's text format."""
+    return (text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+            .replace("\t", "\\t"))
+
+
+def _array(values: list[str]) -> str:
+    """A text[] literal."""
+    items = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+    return "{" + ",".join(items) + "}"
+
+
+def _ts(value: datetime | None) -> str:
+    return value.isoformat() if value is not None else "\\N"
+
+
+def resolve_placeholders(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The resources of transaction entries with server-like ids given and every `urn:uuid`
+    reference rewritten to `Type/id`, as the engine stores them."""
+    resources: list[dict[str, Any]] = []
+    mapping: dict[str, str] = {}
+    for entry in entries:
+        resource = orjson.loads(orjson.dumps(entry["resource"]))  # a private copy
+        resource["id"] = str(uuid.uuid4())
+        full_url = entry.get("fullUrl")
+        if full_url and is_placeholder(full_url):
+            mapping[full_url] = f"{resource['resourceType']}/{resource['id']}"
+        resources.append(resource)
+    for resource in resources:
+        rewrite_references(resource, mapping.get)
+    return resources
+
+
+def prepare_rows(resources: Iterable[dict[str, Any]]) -> CopyRows:
+    """COPY text for `resources` (each with resourceType and id) as version 1 of each."""
+    now = _ts(datetime.now(UTC))
+    res, hist, strings = io.StringIO(), io.StringIO(), io.StringIO()
+    count = 0
+    for resource in resources:
+        stored = dict(resource)
+        meta = stored.get("meta")
+        if isinstance(meta, dict):
+            stored["meta"] = {k: v for k, v in meta.items() if k not in ("versionId",
+                                                                         "lastUpdated")}
+        rtype, rid = stored["resourceType"], stored.get("id") or str(uuid.uuid4())
+        stored["id"] = rid
+        index = extract_index(stored)
+        content = _esc(orjson.dumps(stored).decode())
+        res.write(f"{rtype}\t{rid}\t1\t{now}\tf\t{content}\t{_esc(_array(index.tokens))}\t"
+                  f"{_ts(index.date_lo)}\t{_ts(index.date_hi)}\n")
+        hist.write(f"{rtype}\t{rid}\t1\t{now}\tf\tPOST\t{content}\n")
+        for param, value in index.strings:
+            strings.write(f"{rtype}\t{rid}\t{param}\t{_esc(value)}\n")
+        count += 1
+    return CopyRows(res.getvalue().encode(), hist.getvalue().encode(),
+                    strings.getvalue().encode(), count)
+
+
+def _ensure_scratch(cur: Any) -> None:
+    for table, scratch in SCRATCH.items():
+        cur.execute(f"CREATE TABLE IF NOT EXISTS {scratch} (LIKE {table} INCLUDING ALL)")
+
+
+def copy_rows(database_url: str, rows: CopyRows) -> float:
+    """Seconds to COPY `rows` into the empty scratch tables and commit."""
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn.cursor() as cur:
+            _ensure_scratch(cur)
+            cur.execute("TRUNCATE " + ", ".join(SCRATCH.values()))
+        conn.commit()
+        with conn.cursor() as cur:
+            t0 = time.perf_counter()
+            cur.copy_expert(
+                "COPY bench_resource (res_type, res_id, version, last_updated, deleted, content,"
+                " tokens, date_lo, date_hi) FROM STDIN", io.BytesIO(rows.resource))
+            cur.copy_expert(
+                "COPY bench_resource_history (res_type, res_id, version, last_updated, deleted,"
+                " method, content) FROM STDIN", io.BytesIO(rows.history))
+            cur.copy_expert("COPY bench_resource_string (res_type, res_id, param, value) "
+                            "FROM STDIN", io.BytesIO(rows.strings))
+            conn.commit()
+            seconds = time.perf_counter() - t0
+        with conn.cursor() as cur:
+            cur.execute("TRUNCATE " + ", ".join(SCRATCH.values()))
+        conn.commit()
+        return seconds
+    finally:
+        conn.close()
+
+
+def time_copy(database_url: str, rows: CopyRows, runs: int) -> list[float]:
+    """Rows per second of `runs` COPY runs."""
+    return [rows.count / copy_rows(database_url, rows) for _ in range(runs)]

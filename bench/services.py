@@ -1,0 +1,155 @@
+"""The servers a benchmark runs against: a dedicated PostgreSQL database and a Redis broker.
+
+PostgreSQL: the server of FHIRQ_BENCH_DATABASE_URL, else the local default server if it answers,
+else the embedded PostgreSQL of `fhirq up` (cli/embedded.py) in a temporary directory. On it the
+benchmark (re)creates its own database (`fhirq_bench`) and migrates it to head.
+
+Redis: FHIRQ_BENCH_REDIS_URL, else the local default server on a dedicated db number if it
+answers, else the embedded Redis. The benchmark's tasks go to a queue of their own, so a shared
+Redis is never flushed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+from psycopg2 import sql
+
+__all__ = [
+    "DEFAULT_DATABASE",
+    "DEFAULT_POSTGRES",
+    "DEFAULT_REDIS",
+    "Services",
+    "bench_services",
+    "database_url",
+    "redis_client_url",
+]
+
+DEFAULT_POSTGRES = "postgresql://root@127.0.0.1:5432/test"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/14"
+DEFAULT_DATABASE = "fhirq_bench"
+
+
+@dataclass(frozen=True)
+class Services:
+    admin_url: str  # the PostgreSQL server, on a database that is not ours
+    database_url: str  # our benchmark database, migrated
+    database: str
+    broker_url: str  # Celery's spelling (redis:// or redis+socket://)
+    origin: str  # where each came from, for the report: "FHIRQ_BENCH_*", "local", "embedded"
+
+
+def database_url(server_url: str, database: str) -> str:
+    """`server_url` naming `database` instead; query options (the embedded server's socket
+    directory) kept verbatim."""
+    parts = urlsplit(server_url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def redis_client_url(broker_url: str) -> str:
+    """redis-py spells kombu's `redis+socket://PATH` as `unix://PATH`."""
+    prefix = "redis+socket://"
+    return "unix://" + broker_url[len(prefix):] if broker_url.startswith(prefix) else broker_url
+
+
+def _postgres_answers(url: str) -> bool:
+    try:
+        psycopg2.connect(url, connect_timeout=2).close()
+    except psycopg2.Error:
+        return False
+    return True
+
+
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    client = redis.Redis.from_url(redis_client_url(url), socket_timeout=2,
+                                  socket_connect_timeout=2)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def _recreate(admin_url: str, database: str) -> None:
+    conn = psycopg2.connect(admin_url)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            name = sql.Identifier(database)
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(name))
+    finally:
+        conn.close()
+
+
+def drop_database(admin_url: str, database: str) -> None:
+    conn = psycopg2.connect(admin_url)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(database)))
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def bench_services(database: str = DEFAULT_DATABASE, *, keep: bool = False
+                   ) -> Iterator[Services]:
+    """A fresh, migrated benchmark database and a broker for the duration of the block.
+    Embedded servers started here are stopped on exit; the database is dropped unless `keep`."""
+    from cli import embedded
+    from core.store.migrate import upgrade
+
+    with contextlib.ExitStack() as stack:
+        data_dir: str | None = None
+
+        def scratch_dir() -> str:
+            nonlocal data_dir
+            if data_dir is None:
+                data_dir = tempfile.mkdtemp(prefix="fhirq-bench-")
+                # Callbacks run last-in first-out: the servers stop before the directory goes.
+                stack.callback(shutil.rmtree, data_dir, ignore_errors=True)
+            return data_dir
+
+        origins: list[str] = []
+        admin = os.environ.get("FHIRQ_BENCH_DATABASE_URL")
+        if admin:
+            origins.append("PostgreSQL: FHIRQ_BENCH_DATABASE_URL")
+        elif _postgres_answers(DEFAULT_POSTGRES):
+            admin = DEFAULT_POSTGRES
+            origins.append("PostgreSQL: local server")
+        else:
+            where = scratch_dir()
+            stack.callback(embedded.stop_postgres, where)
+            admin, _ = embedded.start_postgres(where, database="postgres")
+            origins.append("PostgreSQL: embedded")
+
+        broker = os.environ.get("FHIRQ_BENCH_REDIS_URL")
+        if broker:
+            origins.append("Redis: FHIRQ_BENCH_REDIS_URL")
+        elif _redis_answers(DEFAULT_REDIS):
+            broker = DEFAULT_REDIS
+            origins.append("Redis: local server")
+        else:
+            where = scratch_dir()
+            stack.callback(embedded.stop_redis, where)
+            broker, _ = embedded.start_redis(where)
+            origins.append("Redis: embedded")
+
+        _recreate(admin, database)
+        if not keep:
+            stack.callback(drop_database, admin, database)
+        url = database_url(admin, database)
+        upgrade(url)
+        yield Services(admin, url, database, broker, "; ".join(origins))

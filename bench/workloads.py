@@ -1,0 +1,454 @@
+"""The workloads W1–W6 (issue "Throughput near the PostgreSQL limit") and the real-Synthea load.
+
+Each `run_*` measures one workload at one size `runs` times against the running product, each
+run on an empty store, and measures its COPY baseline on the same rows in the same process, then
+returns a `Series`. What each one times:
+
+- W1 async batch of Patient creates: POST of the Bundle → the job seen completed.
+- W2 PUT upserts, half to existing ids: after an untimed load of the existing half, PUT of the
+  array → completed.
+- W3 Synthea-like transaction bundles, all submitted at once: first POST → last job completed;
+  per-bundle latency submit → completed.
+- W4 accepting a large bundle: POST → 202, against `orjson.loads` of the same body, and the API's
+  memory meanwhile (the job is then cancelled).
+- W5 small synchronous transactions from concurrent clients: per-request latency.
+- W6 W1 with one worker process and with two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg2
+from rich.console import Console
+
+from bench import baseline, data
+from bench.client import FHIR_JSON, Job, JobClient, Submitted
+from bench.monitor import Monitor, Usage
+from bench.profile import Profiler
+from bench.report import Run, Series, percentile
+from bench.services import Services
+from bench.stack import Stack
+
+__all__ = ["Bench", "BenchError", "Sizes"]
+
+JOB_TIMEOUT = 900.0
+JSON = "application/json"
+MB = 1024 * 1024
+
+
+class BenchError(RuntimeError):
+    """A workload did not do what it should (failed entries, a failed job): its figures would
+    mean nothing."""
+
+
+@dataclass(frozen=True)
+class Sizes:
+    runs: int = 3
+    w1_full: int = 100_000  # one run at the issue's size
+    w1_repeat: int = 20_000  # the repeated runs (and W6)
+    w2: int = 10_000
+    w3_bundles: int = 50
+    w3_min: int = 100
+    w3_max: int = 300
+    w4: int = 100_000
+    w5_clients: int = 20
+    w5_per_client: int = 25
+    w5_entries: int = 10
+    baseline_runs: int = 3
+
+
+QUICK = Sizes(runs=1, w1_full=0, w1_repeat=2_000, w2=1_000, w3_bundles=5, w4=5_000,
+              w5_clients=20, w5_per_client=3, baseline_runs=1)
+
+
+@dataclass
+class Bench:
+    """Everything a workload needs: the product, a client, the monitor, where to report."""
+
+    services: Services
+    stack: Stack
+    client: JobClient
+    monitor: Monitor
+    sizes: Sizes
+    console: Console
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+    profiler: Profiler | None = None
+    profiles: dict[str, Any] = field(default_factory=dict)
+    _patients: list[dict[str, Any]] = field(default_factory=list)
+    _bodies: dict[int, bytes] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ shared helpers
+
+    def say(self, text: str) -> None:
+        self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {text}")
+
+    def reset_store(self) -> None:
+        """An empty store and job table, flushed to disk, before every measured run."""
+        conn = psycopg2.connect(self.services.database_url)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("TRUNCATE resource, resource_history, resource_string, job, "
+                            "job_entry, job_upload")
+                # So that no checkpoint of earlier work lands mid-run; needs a superuser (or
+                # pg_checkpoint), without which runs are only a little noisier.
+                with contextlib.suppress(psycopg2.Error):
+                    cur.execute("CHECKPOINT")
+        finally:
+            conn.close()
+
+    def sql(self, query: str) -> Any:
+        conn = psycopg2.connect(self.services.database_url)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(query)
+                return cur.fetchone()
+        finally:
+            conn.close()
+
+    def patients(self, n: int) -> list[dict[str, Any]]:
+        if len(self._patients) < n:
+            self._patients = data.patients(n)
+        return self._patients[:n]
+
+    def batch_body(self, n: int) -> bytes:
+        if n not in self._bodies:
+            self._bodies[n] = data.batch_body(self.patients(n))
+        return self._bodies[n]
+
+    def measure_baseline(self, rows: baseline.CopyRows) -> list[float]:
+        return baseline.time_copy(self.services.database_url, rows, self.sizes.baseline_runs)
+
+    def _begin(self, label: str) -> None:
+        self.stack.check()
+        self.monitor.start()
+        if self.profiler is not None:
+            self.profiler.start(label, self.stack.pids())
+
+    def _end(self, label: str) -> Usage:
+        usage = self.monitor.stop()
+        if self.profiler is not None:
+            for group, prof in self.profiler.stop().items():
+                key = f"{label} {group}"
+                if key in self.profiles:
+                    self.profiles[key].self_time.update(prof.self_time)
+                    self.profiles[key].inclusive.update(prof.inclusive)
+                    self.profiles[key].samples += prof.samples
+                else:
+                    self.profiles[key] = prof
+        self.stack.check()
+        return usage
+
+    def run_async(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    async def _submit_wait(self, method: str, body: bytes, content_type: str = FHIR_JSON
+                           ) -> tuple[Submitted, Job]:
+        sub = await self.client.submit(method, body, content_type=content_type)
+        return sub, await self.client.wait(sub, timeout=JOB_TIMEOUT)
+
+    async def _submit_all(self, bodies: list[bytes]
+                          ) -> tuple[float, list[Submitted], dict[str, Job]]:
+        t0 = time.monotonic()
+        subs = list(await asyncio.gather(*(self.client.submit("POST", b) for b in bodies)))
+        return t0, subs, await self.client.wait_all(subs, timeout=JOB_TIMEOUT)
+
+    async def _cancel_wait(self, sub: Submitted) -> None:
+        await self.client.cancel(sub)
+        await self.client.wait(sub, timeout=JOB_TIMEOUT)
+
+    async def _clients(self, bodies: list[bytes], clients: int, per_client: int
+                       ) -> tuple[float, list[float]]:
+        """`clients` concurrent clients each sending `per_client` transactions one after the
+        other; (wall seconds, every latency)."""
+        latencies: list[float] = []
+
+        async def one(k: int) -> None:
+            for j in range(per_client):
+                latencies.append(
+                    await self.client.transaction(bodies[(k * per_client + j) % len(bodies)]))
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(one(k) for k in range(clients)))
+        return time.monotonic() - t0, latencies
+
+    # ------------------------------------------------------------------ W1 / W6
+
+    def _one_batch(self, label: str, n: int) -> Run:
+        body = self.batch_body(n)
+        self.reset_store()
+        self._begin(label)
+        sub, job = self.run_async(self._submit_wait("POST", body))
+        usage = self._end(label)
+        _expect_done(job, n, label)
+        seconds = job.raw["_seen_at"] - sub.sent_at
+        run = Run(n, seconds, n / seconds, usage=usage.as_json(),
+                  extra={"accept_s": sub.accept_seconds,
+                         "execute_rate": n / (seconds - sub.accept_seconds)})
+        self.say(f"{label}: {n:,} entries in {seconds:.1f} s = {run.rate:,.0f}/s "
+                 f"(202 after {sub.accept_seconds:.2f} s)")
+        return run
+
+    def _batch_series(self, workload: str, title: str, label: str, n: int, runs: int,
+                      base: list[float] | None = None) -> Series:
+        s = Series(workload, title, label, "entries/s")
+        for i in range(runs):
+            s.runs.append(self._one_batch(f"{workload} {label} run {i + 1}", n))
+        if base is None:
+            self.say(f"{workload} {label}: COPY baseline")
+            rows = baseline.prepare_rows(_with_ids(self.patients(n)))
+            base = self.measure_baseline(rows)
+        s.baseline = base
+        return s
+
+    def w1(self) -> list[Series]:
+        title = "async batch of Patient creates (~1 KB each)"
+        out: list[Series] = []
+        z = self.sizes
+        if z.w1_full:
+            full = self._batch_series("W1", title, f"{z.w1_full:,} creates", z.w1_full, 1)
+            full.target = "≥ 0.8× COPY baseline"
+            full.met = (full.ratio or 0) >= 0.8
+            out.append(full)
+        if z.w1_repeat and z.runs:
+            rep = self._batch_series("W1", title, f"{z.w1_repeat:,} creates", z.w1_repeat,
+                                     z.runs)
+            if not z.w1_full:
+                rep.target = "≥ 0.8× COPY baseline"
+                rep.met = (rep.ratio or 0) >= 0.8
+            out.append(rep)
+        return out
+
+    def w6(self, two: Series | None) -> list[Series]:
+        """W1 at the repeated size with one worker process, then two (the W1 series at that
+        size when there is one: it ran with two)."""
+        z = self.sizes
+        title = f"W1 ({z.w1_repeat:,} creates) by worker processes"
+        base = two.baseline if two is not None else None
+        concurrency = self.stack.concurrency
+        self.say("W6: restarting the worker with one process")
+        self.stack.restart_worker(1)
+        try:
+            one = self._batch_series("W6", title, "1 worker process", z.w1_repeat, z.runs, base)
+        finally:
+            self.say(f"W6: restarting the worker with {concurrency} processes")
+            self.stack.restart_worker(concurrency)
+        if two is None:
+            two = self._batch_series("W6", title, "2 worker processes", z.w1_repeat, z.runs,
+                                     one.baseline)
+        else:
+            two = Series("W6", title, "2 worker processes", "entries/s", list(two.runs),
+                         list(two.baseline), note="the runs of W1 at this size")
+        two.note = (two.note + "; " if two.note else "") + (
+            f"scaling {two.median / one.median:.2f}× from one process to two")
+        return [one, two]
+
+    # ------------------------------------------------------------------ W2
+
+    def w2(self) -> list[Series]:
+        z = self.sizes
+        setup, upserts = data.upsert_set(z.w2)
+        setup_body, body = orjson.dumps(setup), orjson.dumps(upserts)
+        s = Series("W2", "PUT upserts (batch upsert array, async), half to existing ids",
+                   f"{z.w2:,} upserts", "entries/s")
+        for i in range(z.runs):
+            label = f"W2 run {i + 1}"
+            self.reset_store()
+            t0 = time.monotonic()
+            _, loaded = self.run_async(self._submit_wait("PUT", setup_body, JSON))
+            _expect_done(loaded, len(setup), f"{label} setup")
+            setup_s = time.monotonic() - t0
+            self._begin(label)
+            sub, job = self.run_async(self._submit_wait("PUT", body, JSON))
+            usage = self._end(label)
+            _expect_done(job, len(upserts), label)
+            updated = self.sql("SELECT count(*) FROM resource WHERE version = 2")[0]
+            if updated != len(setup):
+                raise BenchError(f"{label}: {updated} resources got a second version, "
+                                 f"expected {len(setup)}")
+            seconds = job.raw["_seen_at"] - sub.sent_at
+            s.runs.append(Run(len(upserts), seconds, len(upserts) / seconds,
+                              usage=usage.as_json(),
+                              extra={"accept_s": sub.accept_seconds, "setup_s": setup_s}))
+            self.say(f"{label}: {len(upserts):,} upserts in {seconds:.1f} s = "
+                     f"{len(upserts) / seconds:,.0f}/s")
+        self.say("W2: COPY baseline")
+        s.baseline = self.measure_baseline(baseline.prepare_rows(upserts))
+        return [s]
+
+    # ------------------------------------------------------------------ W3
+
+    def _transactions(self, workload: str, label: str, bodies: list[bytes], sizes: list[int],
+                      runs: int, before: Callable[[], None] | None = None) -> list[Run]:
+        total = sum(sizes)
+        out: list[Run] = []
+        for i in range(runs):
+            name = f"{label} run {i + 1}"
+            self.reset_store()
+            if before is not None:
+                before()
+            self._begin(name)
+            t0, subs, jobs = self.run_async(self._submit_all(bodies))
+            usage = self._end(name)
+            for sub, n in zip(subs, sizes, strict=True):
+                _expect_done(jobs[sub.job_id], n, name)
+            end = max(j.raw["_seen_at"] for j in jobs.values())
+            latencies = [(jobs[s.job_id].raw["_seen_at"] - s.sent_at) * 1000 for s in subs]
+            run = Run(total, end - t0, total / (end - t0), percentile(latencies, 50),
+                      percentile(latencies, 99), usage.as_json(),
+                      extra={"accept_s": statistics.median(s.accept_seconds for s in subs)})
+            self.say(f"{name}: {len(bodies)} transactions, {total:,} resources in "
+                     f"{run.seconds:.1f} s = {run.rate:,.0f}/s")
+            out.append(run)
+        return out
+
+    def w3(self) -> list[Series]:
+        z = self.sizes
+        bundles = data.synthea_like_bundles(z.w3_bundles, z.w3_min, z.w3_max)
+        bodies = [data.transaction_body(b) for b in bundles]
+        sizes = [len(b) for b in bundles]
+        s = Series("W3", "Synthea-like transaction bundles submitted async at once",
+                   f"{len(bundles)} bundles, {sum(sizes):,} resources", "resources/s",
+                   target="≥ 3,000 resources/s")
+        s.runs = self._transactions("W3", "W3", bodies, sizes, z.runs)
+        self.say("W3: COPY baseline")
+        rows = baseline.prepare_rows(r for b in bundles for r in baseline.resolve_placeholders(b))
+        s.baseline = self.measure_baseline(rows)
+        s.met = s.median >= 3000
+        return [s]
+
+    def synthea(self, directory: Path | None = None) -> list[Series]:
+        """The 22 real bundles: the two batch bundles, then the 20 transactions at once."""
+        z = self.sizes
+        real = data.load_synthea(directory)
+        title = "real Synthea bundles (2 batch, then 20 transactions at once)"
+        batches = Series("W3", title, "2 batch bundles (ifNoneExist)", "entries/s")
+        trans = Series("W3", title, "20 patient transactions", "resources/s",
+                       target="≥ 3,000 resources/s")
+        batch_sizes = [len(orjson.loads(b)["entry"]) for _, b in real.batches]
+        trans_bundles = [orjson.loads(b)["entry"] for _, b in real.transactions]
+
+        def load_batches() -> None:
+            # Both at once: their entries are independent creates with ifNoneExist.
+            t0, subs, jobs = self.run_async(self._submit_all([b for _, b in real.batches]))
+            for sub, n in zip(subs, batch_sizes, strict=True):
+                _expect_done(jobs[sub.job_id], n, "Synthea batch bundle")
+            seconds = max(j.raw["_seen_at"] for j in jobs.values()) - t0
+            batches.runs.append(Run(sum(batch_sizes), seconds, sum(batch_sizes) / seconds))
+
+        trans.runs = self._transactions(
+            "W3", "W3 real Synthea", [b for _, b in real.transactions],
+            [len(b) for b in trans_bundles], z.runs, before=load_batches)
+        self.say("W3 real Synthea: COPY baseline")
+        resources = [r for _, b in real.batches
+                     for r in baseline.resolve_placeholders(orjson.loads(b)["entry"])]
+        resources += [r for b in trans_bundles for r in baseline.resolve_placeholders(b)]
+        base = self.measure_baseline(baseline.prepare_rows(resources))
+        batches.baseline = trans.baseline = base
+        trans.met = trans.median >= 3000
+        return [batches, trans]
+
+    # ------------------------------------------------------------------ W4
+
+    def w4(self) -> list[Series]:
+        z = self.sizes
+        body = self.batch_body(z.w4)
+        body_mb = len(body) / MB
+        parse = []
+        for _ in range(3):
+            gc.collect()
+            t0 = time.perf_counter()
+            parsed = orjson.loads(body)
+            parse.append(time.perf_counter() - t0)
+            del parsed
+        parse_s = statistics.median(parse)
+        s = Series("W4", "accepting a large async bundle (seconds to the 202, API memory)",
+                   f"{z.w4:,} entries, {body_mb:,.0f} MB", "entries/s",
+                   target="≤ 3× parse, RSS ≤ 2× body")
+        for i in range(z.runs):
+            label = f"W4 run {i + 1}"
+            self.reset_store()
+            self._begin(label)
+            sub = self.run_async(self.client.submit("POST", body))
+            usage = self._end(label)
+            # Only the accept is measured: the job itself is W1's business.
+            self.run_async(self._cancel_wait(sub))
+            u = usage.as_json()
+            peak_proc = u["rss_max_proc_mb"].get("api", 0.0)
+            growth = u["rss_mb"].get("api", 0.0) - u["rss_idle_mb"].get("api", 0.0)
+            s.runs.append(Run(z.w4, sub.accept_seconds, z.w4 / sub.accept_seconds, usage=u,
+                              extra={"accept_s": sub.accept_seconds, "parse_s": parse_s,
+                                     "accept_over_parse": sub.accept_seconds / parse_s,
+                                     "body_mb": body_mb, "api_rss_growth_mb": growth,
+                                     "api_rss_over_body": peak_proc / body_mb}))
+            self.say(f"{label}: 202 after {sub.accept_seconds:.2f} s (orjson.loads "
+                     f"{parse_s:.2f} s); API process peak {peak_proc:,.0f} MB, tree grew "
+                     f"{growth:,.0f} MB; body {body_mb:,.0f} MB")
+        self.say("W4: COPY baseline")
+        s.baseline = self.measure_baseline(baseline.prepare_rows(_with_ids(self.patients(z.w4))))
+        s.met = (s.extra("accept_over_parse") or 99) <= 3 and (s.extra("api_rss_over_body")
+                                                                 or 99) <= 2
+        s.note = ("RSS: the largest API process (the one that took the upload) at its peak, "
+                  "against the body size")
+        return [s]
+
+    # ------------------------------------------------------------------ W5
+
+    def w5(self) -> list[Series]:
+        z = self.sizes
+        rng = random.Random(5)
+        bundles = [data.synthea_like_bundle(z.w5_entries - 1, rng, serial=i) for i in range(64)]
+        bodies = [data.transaction_body(b) for b in bundles]
+        s = Series("W5", f"{z.w5_entries}-entry synchronous transactions, "
+                   f"{z.w5_clients} concurrent clients",
+                   f"{z.w5_clients} × {z.w5_per_client} transactions", "entries/s",
+                   target="p99 ≤ 50 ms")
+
+        for i in range(z.runs):
+            label = f"W5 run {i + 1}"
+            self.reset_store()
+            self.run_async(self._clients(bodies, z.w5_clients, 1))  # connections, warm caches
+            self._begin(label)
+            seconds, latencies = self.run_async(
+                self._clients(bodies, z.w5_clients, z.w5_per_client))
+            usage = self._end(label)
+            entries = len(latencies) * z.w5_entries
+            ms = [x * 1000 for x in latencies]
+            run = Run(entries, seconds, entries / seconds, percentile(ms, 50), percentile(ms, 99),
+                      usage.as_json(), extra={"transactions_per_s": len(latencies) / seconds})
+            s.runs.append(run)
+            self.say(f"{label}: {len(latencies)} transactions in {seconds:.1f} s, "
+                     f"p50 {run.p50_ms:.0f} ms, p99 {run.p99_ms:.0f} ms")
+        self.say("W5: COPY baseline")
+        count = z.w5_clients * z.w5_per_client
+        rows = baseline.prepare_rows(
+            r for j in range(count) for r in baseline.resolve_placeholders(bundles[j % 64]))
+        s.baseline = self.measure_baseline(rows)
+        s.met = (s.median_of(lambda r: r.p99_ms) or 1e9) <= 50
+        return [s]
+
+
+def _with_ids(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    import uuid
+
+    return [{**r, "id": str(uuid.uuid4())} for r in resources]
+
+
+def _expect_done(job: Any, n: int, label: str) -> None:
+    if job.state != "completed":
+        detail = orjson.dumps(job.raw.get("outcome")).decode() if job.raw else ""
+        raise BenchError(f"{label}: job {job.job_id} ended {job.state} {detail}")
+    if job.total is not None and (job.total != n or job.done != n or job.failed):
+        raise BenchError(f"{label}: job {job.job_id}: total {job.total}, done {job.done}, "
+                         f"failed {job.failed}; expected {n} entries, none failed")
