@@ -31,7 +31,6 @@ from sqlalchemy import (
     or_,
     select,
     true,
-    tuple_,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, JSONPATH
 
@@ -294,11 +293,12 @@ def _page_url(base: str, q: Query, count: int, offset: int) -> str:
 
 def _type_is(resource_type: str, *, gin_driven: bool) -> ColumnElement[bool]:
     if gin_driven:
-        # Deliberately not index-matchable. GIN statistics guess ~0.5% for any rare token, so
-        # the planner likes to AND the token bitmap with a bitmap of every row of the type from
-        # a (res_type, ...) btree: cheap at 1,000 rows, tens of milliseconds at a million.
-        # When a token condition is present it is the selective path; the type is a recheck.
-        return R.c.res_type.concat("") == resource_type
+        # Deliberately not index-matchable (yet estimated like the plain comparison). GIN
+        # statistics guess ~0.5% for any rare token, so the planner likes to AND the token
+        # bitmap with a bitmap of every row of the type from a (res_type, ...) btree: cheap
+        # at 1,000 rows, tens of milliseconds at a million. When a token condition is present
+        # it is the selective path; the type is only a recheck.
+        return (R.c.res_type == resource_type).is_(True)
     return R.c.res_type == resource_type
 
 
@@ -383,11 +383,8 @@ def _string_conditions(resource_type: str, c: StringClause) -> list[ColumnElemen
         match = or_(*(S.c.value.like("%" + _like_escape(v) + "%") for v in c.values))
     else:
         match = S.c.value.in_(c.values)
-    sub = select(S.c.res_type, S.c.res_id).where(
-        S.c.res_type == resource_type, S.c.param == c.param, match
-    )
-    # (res_type, res_id) so that a semi-join from the string index reaches rows by primary key.
-    conds: list[ColumnElement[bool]] = [tuple_(R.c.res_type, R.c.res_id).in_(sub)]
+    sub = select(S.c.res_id).where(S.c.res_type == resource_type, S.c.param == c.param, match)
+    conds: list[ColumnElement[bool]] = [R.c.res_id.in_(sub)]
     if c.mode == "exact":
         path = EXACT_PATHS.get(resource_type, {}).get(c.param)
         if path is None:  # a type with string params always has its paths; guard anyway
@@ -413,7 +410,7 @@ def _like_escape(value: str) -> str:
 def _missing_condition(resource_type: str, c: MissingClause) -> ColumnElement[bool]:
     if c.kind == "date":
         return R.c.date_lo.is_(None) if c.missing else R.c.date_lo.is_not(None)
-    present = tuple_(R.c.res_type, R.c.res_id).in_(
-        select(S.c.res_type, S.c.res_id).where(S.c.res_type == resource_type, S.c.param == c.param)
+    present = R.c.res_id.in_(
+        select(S.c.res_id).where(S.c.res_type == resource_type, S.c.param == c.param)
     )
     return not_(present) if c.missing else present
