@@ -177,11 +177,18 @@ def search(
     q = parse_query(resource_type, params, strict=strict)
     count = min(default_count if q.count is None else q.count, max_count)
     total: int | None = None
-    if q.total:
-        total = conn.execute(_count(q)).scalar_one()
     rows: list[Any] = []
-    if count > 0 and (total is None or q.offset < total):
-        rows = list(conn.execute(_page(q, count + 1, q.offset)))
+    if count == 0:
+        total = conn.execute(_count(q)).scalar_one() if q.total else None
+    elif q.total and _fenced(q):
+        # One pass over the matches serves both the total and the page.
+        fetched = conn.execute(_page_and_total(q, count + 1, q.offset)).all()
+        total = fetched[0][0]
+        rows = [r[1:] for r in fetched if r[1] is not None]
+    else:
+        total = conn.execute(_count(q)).scalar_one() if q.total else None
+        if total is None or q.offset < total:
+            rows = list(conn.execute(_page(q, count + 1, q.offset)))
     has_next = len(rows) > count
     del rows[count:]
 
@@ -227,11 +234,14 @@ def search(
 
 
 def explain(conn: Connection, resource_type: str, params: list[tuple[str, str]]) -> str:
-    """EXPLAIN output of the statements a search runs (count, first page) and of the
-    conditional-operation lookup; for tests and operators checking index use."""
+    """EXPLAIN output of the statements a search may run (count, first page, lookup for
+    conditional operations, page with total); for tests and operators checking index use."""
     q = parse_query(resource_type, params, strict=False)
     plans = []
-    for stmt in (_count(q), _page(q, 51, q.offset), _lookup(q, 2)):
+    stmts = [_count(q), _page(q, 51, q.offset), _lookup(q, 2)]
+    if _fenced(q):
+        stmts.append(_page_and_total(q, 51, q.offset))
+    for stmt in stmts:
         compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
         result = conn.exec_driver_sql("EXPLAIN " + compiled.string, compiled.params)
         plans.append("\n".join(row[0] for row in result))
@@ -278,6 +288,23 @@ def _page(q: Query, limit: int, offset: int) -> Select[Any]:
         select(*cols)
         .join_from(page, R, and_(R.c.res_type == q.resource_type, R.c.res_id == page.c.res_id))
         .order_by(R.c.res_id)
+    )
+
+
+def _page_and_total(q: Query, limit: int, offset: int) -> Select[Any]:
+    """The page's rows, each carrying the total; a single (total, NULL...) row when empty."""
+    m = _matches(q)
+    total = select(func.count().label("total")).select_from(m).subquery("t")
+    page = select(m.c.res_id).order_by(m.c.res_id).limit(limit).offset(offset).subquery("page")
+    rows = (
+        select(R.c.res_id, R.c.version, R.c.last_updated, R.c.content)
+        .join_from(page, R, and_(R.c.res_type == q.resource_type, R.c.res_id == page.c.res_id))
+        .subquery("p")
+    )
+    return (
+        select(total.c.total, rows.c.res_id, rows.c.version, rows.c.last_updated, rows.c.content)
+        .select_from(total.outerjoin(rows, true()))
+        .order_by(rows.c.res_id)
     )
 
 
