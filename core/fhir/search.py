@@ -7,7 +7,10 @@ bound parameters. Each clause of a `Query` maps onto an index: tokens → GIN `@
 `resource_string`; dates → btree on `(res_type, date_lo | date_hi | last_updated)`;
 `_id` → the primary key. Deleted resources never match.
 
-Results are ordered by id (stable under updates); paging is `_offset` based.
+Results are ordered by id (stable under updates); paging is `_offset` based, and one pass over
+the matches yields both `total` and the page. The statements are shaped so that the planner's
+fixed ~0.5% guess for rare GIN tokens cannot lead it to a scan of the whole type (see the notes
+at `_matches`, `_type_is` and `_find_by_token_sets`).
 """
 
 from __future__ import annotations
@@ -72,9 +75,11 @@ def find_ids_many(
 ) -> list[list[str]]:
     """`find_ids` (limit 2) for many queries at once; one list of ids per query, in order.
 
-    When every query is a single token value (`identifier=sys|val`, `subject=Patient/1`) the
-    whole set resolves in ONE statement; otherwise each query runs on its own. An invalid
-    query raises its `BadRequest` with `.index` = its position in `queries`.
+    When every query is made only of single-value token / reference conditions
+    (`identifier=sys|val`, `subject=Patient/1`, also several AND-ed) the whole set resolves in
+    ONE statement; otherwise each query runs on its own. An invalid query raises its
+    `BadRequest` with `.index` = its position in `queries` (callers wanting per-entry errors
+    validate each with `parse_query(..., strict=True)` first).
     """
     parsed: list[Query] = []
     for i, params in enumerate(queries):
