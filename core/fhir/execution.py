@@ -33,27 +33,16 @@ from core.fhir.references import (
     literal_target,
     rewrite_references,
 )
+from core.fhir.resources import row_to_resource
 from core.fhir.search import find_ids_many, search
 from core.fhir.search_params import extract_index, parse_query
 from core.fhir.urls import parse_query_string
 from core.fhir.validation import validate_resource
 from core.store import repository as repo
 
-__all__ = ["run_batch", "run_transaction", "with_meta"]
+__all__ = ["run_batch", "run_transaction", "stored_form"]
 
 Key = tuple[str, str]
-
-
-def with_meta(content: dict[str, Any], version: int, last_updated: datetime) -> dict[str, Any]:
-    """The resource as clients see it: stored content plus meta.versionId / lastUpdated."""
-    from core.fhir.model import format_instant
-
-    out = dict(content)
-    meta = dict(out.get("meta") or {})
-    meta["versionId"] = str(version)
-    meta["lastUpdated"] = format_instant(last_updated)
-    out["meta"] = meta
-    return out
 
 
 def stored_form(resource: dict[str, Any], resource_type: str, res_id: str) -> dict[str, Any]:
@@ -402,7 +391,7 @@ def _write(conn: Connection, steps: list[Step], fail: _Failures, ctx: Context) -
         status = 201 if w.created else 200
         text = "Created" if w.created else ("Updated" if w.changed else "Unchanged: no new version")
         s.result = _resource_result(
-            s.index, status, with_meta(row.content, w.version, w.last_updated)
+            s.index, status, row_to_resource(row.content, w.version, w.last_updated)
         )
         s.result.outcome = oo.informational(text)
 
@@ -479,7 +468,7 @@ def _answer_matches(conn: Connection, steps: list[Step]) -> None:
             s.result = EntryResult(s.index, 500, outcome=oo.internal_error("match vanished"))
             continue
         s.result = _resource_result(
-            s.index, 200, with_meta(cur.content, cur.version, cur.last_updated)
+            s.index, 200, row_to_resource(cur.content, cur.version, cur.last_updated)
         )
         s.result.outcome = oo.informational("Matched an existing resource (ifNoneExist)")
 
@@ -505,7 +494,7 @@ def _read_one(conn: Connection, s: Step, ctx: Context) -> EntryResult:
     if cur.deleted:
         raise Gone(f"{s.key[0]}/{s.key[1]} was deleted", expression=f"{s.expr}.request.url")
     return _resource_result(
-        s.index, 200, with_meta(cur.content or {}, cur.version, cur.last_updated)
+        s.index, 200, row_to_resource(cur.content or {}, cur.version, cur.last_updated)
     )
 
 
@@ -527,7 +516,7 @@ def _vread(conn: Connection, s: Step, ctx: Context) -> EntryResult:
             expression=f"{s.expr}.request.url",
         )
     return _resource_result(
-        s.index, 200, with_meta(cur.content or {}, cur.version, cur.last_updated)
+        s.index, 200, row_to_resource(cur.content or {}, cur.version, cur.last_updated)
     )
 
 
@@ -548,7 +537,7 @@ def _history(conn: Connection, s: Step, ctx: Context) -> EntryResult:
     for rtype, rid, cur, method in rows:
         entry: dict[str, Any] = {"fullUrl": f"{ctx.base_url}/{rtype}/{rid}"}
         if cur.content is not None and not cur.deleted:
-            entry["resource"] = with_meta(cur.content, cur.version, cur.last_updated)
+            entry["resource"] = row_to_resource(cur.content, cur.version, cur.last_updated)
         entry["request"] = {
             "method": method,
             "url": f"{rtype}/{rid}" if method != "POST" else rtype,

@@ -27,6 +27,9 @@ def get_engine(url: str | None = None) -> Engine:
         pool_size=10,
         max_overflow=20,
         pool_pre_ping=True,
+        # Rare-token estimates cross the JIT cost threshold and JIT compilation then costs more
+        # than the millisecond queries it is meant to speed up.
+        connect_args={"options": "-c jit=off"},
         json_serializer=_json_dumps,
         json_deserializer=orjson.loads,
     )
