@@ -144,6 +144,7 @@ def _met(s: Series) -> str:
 EXTRA_COLUMNS = {
     "accept_s": ("accept s", 2),
     "parse_s": ("orjson.loads s", 2),
+    "parse_nogc_s": ("… gc off s", 2),
     "accept_over_parse": ("accept ÷ parse", 1),
     "body_mb": ("body MB", 0),
     "api_rss_over_body": ("API RSS ÷ body", 2),
