@@ -44,10 +44,9 @@ def test_bundle_entries_are_stored_in_order_with_their_exact_content(clean_db: E
     assert [orjson.loads(r.request) for r in rows] == body["entry"]
     assert all(r.status is None for r in rows)
     assert scalar(clean_db, "SELECT count(*) FROM job_upload") == 0
-    job = dict(
-        clean_db.connect().execute(text("SELECT * FROM job WHERE id = :id"), {"id": acc.job_id})
-        .mappings().one()
-    )
+    with clean_db.connect() as c:
+        job = dict(c.execute(text("SELECT * FROM job WHERE id = :id"), {"id": acc.job_id})
+                   .mappings().one())
     assert (job["state"], job["total"], job["done"], job["owner"]) == ("accepted", 5, 0, "alice")
 
 

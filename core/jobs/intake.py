@@ -80,6 +80,9 @@ def accept_job(conn: Connection, body: BinaryIO, sub: Submission) -> Accepted:
         kind: JobKind = "upsert"
     else:
         _upload(conn, job_id, source, expect=b"{" if sub.kind == "bundle" else b"[")
+        # The split holds the entry array once in a tuplestore: keep it in memory, not on disk.
+        work_mem = min(1024, 16 + source.size * 11 // 10 // (1 << 20))
+        conn.execute(text(f"SET LOCAL work_mem = '{work_mem}MB'"))
         if sub.kind == "bundle":
             kind, total = _split_bundle(conn, job_id)
         else:

@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, Engine, text
 
-from core.fhir.execution import with_meta
 from core.fhir.model import EntryResult, format_instant
+from core.fhir.resources import row_to_resource
 
 __all__ = [
     "JOB_COLUMNS",
@@ -218,7 +218,7 @@ def stream_response(engine: Engine, job: dict[str, Any], batch_size: int = 500
 def _result(row: Any) -> EntryResult:
     resource = orjson.loads(row.resource) if row.resource is not None else None
     if resource is not None and row.version is not None:
-        resource = with_meta(resource, row.version, row.updated)
+        resource = row_to_resource(resource, row.version, row.updated)
     return EntryResult(
         index=row.idx,
         status=row.status,
