@@ -76,11 +76,8 @@ EXTRACTION_CASES: list[tuple[str, dict[str, Any], set[str], set[tuple[str, str]]
         },
         {
             ("family", "muller"),
-            ("name", "muller"),
             ("given", "zoe"),
-            ("name", "zoe"),
             ("given", "anne"),
-            ("name", "anne"),
             ("name", "dr."),
             ("name", "zoe mueller"),
         },

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection
 
 from core.config import get_settings
@@ -243,7 +244,7 @@ def _resolve_references(
     for s in steps:
         if s.result is None and s.resource is not None and s.kind != "patch":
             # One walk per resource: the references found here serve every later check.
-            refs = s.extra["refs"] = list(iter_references(s.resource))
+            refs = s.extra["refs"] = _references_of(s.resource)
             for ref in refs:
                 if is_conditional_reference(ref):
                     conditional[ref].append(s)
@@ -302,6 +303,14 @@ def _resolve_references(
                         ),
                     )
                     break
+
+
+def _references_of(resource: dict[str, Any]) -> list[str]:
+    # Serialising is ~10x cheaper than walking in Python: most resources of a bulk load
+    # (Patients, say) have no reference at all and skip the walk.
+    if b'"reference"' not in orjson.dumps(resource):
+        return []
+    return list(iter_references(resource))
 
 
 def _fail_ref(step: Step, err: FhirError, ref: str, fail: _Failures) -> None:

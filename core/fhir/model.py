@@ -7,7 +7,7 @@ carry only what the engine adds around it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from core.fhir.outcome import status_line
@@ -77,17 +77,10 @@ class EntryResult:
 
 
 def format_instant(value: datetime) -> str:
-    """FHIR instant with millisecond precision in UTC, e.g. 2024-07-17T06:56:48.506Z."""
-    return value.astimezone(tz=None if value.tzinfo is None else value.tzinfo).strftime(
-        "%Y-%m-%dT%H:%M:%S.%f"
-    )[:-3] + _offset(value)
+    """FHIR instant with millisecond precision in UTC, e.g. 2024-07-17T06:56:48.506Z.
 
-
-def _offset(value: datetime) -> str:
-    off = value.utcoffset()
-    if not off:
-        return "Z"
-    total = int(off.total_seconds()) // 60
-    sign = "+" if total >= 0 else "-"
-    total = abs(total)
-    return f"{sign}{total // 60:02d}:{total % 60:02d}"
+    A naive datetime is taken to be UTC already.
+    """
+    if value.tzinfo is not None and value.utcoffset():
+        value = value.astimezone(UTC)
+    return f"{value:%Y-%m-%dT%H:%M:%S}.{value.microsecond // 1000:03d}Z"

@@ -415,7 +415,7 @@ def _string_conditions(resource_type: str, c: StringClause) -> list[ColumnElemen
         match = or_(*(S.c.value.like("%" + _like_escape(v) + "%") for v in c.values))
     else:
         match = S.c.value.in_(c.values)
-    sub = select(S.c.res_id).where(S.c.res_type == resource_type, S.c.param == c.param, match)
+    sub = select(S.c.res_id).where(S.c.res_type == resource_type, _param_is(c.param), match)
     conds: list[ColumnElement[bool]] = [R.c.res_id.in_(sub)]
     if c.mode == "exact":
         path = EXACT_PATHS.get(resource_type, {}).get(c.param)
@@ -435,6 +435,14 @@ def _string_conditions(resource_type: str, c: StringClause) -> list[ColumnElemen
     return conds
 
 
+# HumanName parts are stored under their own parameter only; `name` matches any of them.
+NAME_PARTS = ("name", "family", "given")
+
+
+def _param_is(param: str) -> ColumnElement[bool]:
+    return S.c.param.in_(NAME_PARTS) if param == "name" else S.c.param == param
+
+
 def _like_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
@@ -443,6 +451,6 @@ def _missing_condition(resource_type: str, c: MissingClause) -> ColumnElement[bo
     if c.kind == "date":
         return R.c.date_lo.is_(None) if c.missing else R.c.date_lo.is_not(None)
     present = R.c.res_id.in_(
-        select(S.c.res_id).where(S.c.res_type == resource_type, S.c.param == c.param)
+        select(S.c.res_id).where(S.c.res_type == resource_type, _param_is(c.param))
     )
     return not_(present) if c.missing else present

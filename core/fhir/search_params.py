@@ -549,9 +549,9 @@ def _strings(resource: dict, names: str) -> list[tuple[str, str]]:
         if isinstance(value, str) and value:
             n = normalize(value)[:_STRING_MAX]
             if n:
+                # `name` searches also read the family/given rows (search.NAME_PARTS), so a
+                # part is stored once: half the string rows to write.
                 out[(param, n)] = None
-                if param != "name":
-                    out[("name", n)] = None
 
     if names == "plain":
         put("name", resource.get("name"))
