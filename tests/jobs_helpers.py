@@ -36,6 +36,7 @@ __all__ = [
     "wait_job",
     "scalar",
     "patients_batch",
+    "quiesce",
 ]
 
 QUEUE = f"fhirq-test-{os.getpid()}"
@@ -134,16 +135,35 @@ def session_worker(jobs_env: dict[str, str]) -> Iterator[WorkerProcess]:
     shutil.rmtree(w.dir, ignore_errors=True)
 
 
+def quiesce(engine: Engine, timeout: float = 20) -> None:
+    """Stop all job work of this session, so that the next test's TRUNCATE meets no task:
+    drop queued messages, cancel active jobs, wait for running tasks to end."""
+    redis.Redis.from_url(REDIS_URL).delete(QUEUE)
+    with engine.begin() as c:
+        c.execute(text("UPDATE job SET state = 'cancelled' "
+                       "WHERE state IN ('accepted', 'running')"))
+
+    def idle() -> bool:
+        return not scalar(
+            engine,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND state NOT IN ('idle')",
+        )
+
+    wait_for(idle, timeout, "running tasks to end")
+
+
 @pytest.fixture
-def worker(session_worker: WorkerProcess, clean_db: Engine) -> WorkerProcess:
+def worker(session_worker: WorkerProcess, clean_db: Engine) -> Iterator[WorkerProcess]:
     """The session's worker, restarted if a test killed it."""
     if not session_worker.alive:
         session_worker.start()
-    return session_worker
+    yield session_worker
+    quiesce(clean_db)
 
 
 @pytest.fixture
-def api(jobs_env: dict[str, str], clean_db: Engine) -> Any:
+def api(jobs_env: dict[str, str], clean_db: Engine) -> Iterator[Any]:
     """A Flask test client with the job endpoints; `X-Test-Owner` stands in for auth."""
     from flask import g, request
 
@@ -160,7 +180,8 @@ def api(jobs_env: dict[str, str], clean_db: Engine) -> Any:
         if "X-Test-Owner" in request.headers:
             g.owner = request.headers["X-Test-Owner"]
 
-    return app.test_client()
+    yield app.test_client()
+    quiesce(clean_db)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str,

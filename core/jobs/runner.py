@@ -26,11 +26,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from celery.exceptions import SoftTimeLimitExceeded
 from psycopg2 import errors as pg_errors
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
-from core.errors import BadRequest, FhirError
+from core.errors import BadRequest, FhirError, TooLarge
 from core.fhir.bundle import upsert_entry
 from core.fhir.engine import execute_batch, execute_transaction
 from core.fhir.model import Context, EntryResult
@@ -164,6 +165,11 @@ def run_transaction_job(conn: Connection, job_id: str) -> list[Dispatch]:
             break
         except JobCancelled:
             raise
+        except SoftTimeLimitExceeded:
+            _fail_transaction(conn, job_id, TooLarge(
+                "The transaction ran past its time limit (FHIRQ_TRANSACTION_TIME_LIMIT); "
+                "nothing was written. Split it, or send it as a batch."), t0)
+            break
         except Exception:
             log.exception("job %s: transaction failed unexpectedly", job_id)
             _fail_transaction(conn, job_id, None, t0)
@@ -261,6 +267,8 @@ def _execute(conn: Connection, entries: list[tuple[int, dict[str, Any]]], ctx: C
                 break
             log.warning("retrying chunk after %s (attempt %d)", type(exc.orig).__name__,
                         attempt + 1)
+        except SoftTimeLimitExceeded:
+            raise  # the whole chunk rolls back and stays pending; no per-entry rerun now
         except Exception:
             log.exception("chunk failed unexpectedly; isolating its entries")
             break
@@ -269,6 +277,8 @@ def _execute(conn: Connection, entries: list[tuple[int, dict[str, Any]]], ctx: C
         try:
             with conn.begin_nested():
                 out.extend(execute_batch(conn, [(index, entry)], ctx))
+        except SoftTimeLimitExceeded:
+            raise
         except Exception:
             log.exception("entry %d failed unexpectedly", index)
             out.append(EntryResult(index, 500, outcome=internal_error(
