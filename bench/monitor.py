@@ -21,7 +21,7 @@ import psutil
 
 from cli import procutil
 
-__all__ = ["Monitor", "Usage"]
+__all__ = ["Monitor", "Usage", "statement_label"]
 
 MB = 1024 * 1024
 TREE_REFRESH = 1.0  # seconds between walks of the process trees
@@ -37,12 +37,42 @@ class Usage:
     rss_max_proc_mb: dict[str, float] = field(default_factory=dict)  # group → largest process
     rss_idle_mb: dict[str, float] = field(default_factory=dict)  # group → tree RSS at start
     cpu_s: dict[str, float] = field(default_factory=dict)  # group → CPU seconds
+    # What the benchmark database's sessions were doing, by sampling pg_stat_activity:
+    # "statement | wait event" → samples, "idle in transaction" being the client's turn.
+    pg_activity: dict[str, int] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, object]:
         r = lambda d: {k: round(v, 1) for k, v in d.items()}  # noqa: E731
         return {"seconds": round(self.seconds, 3), "rss_mb": r(self.rss_mb),
                 "rss_max_proc_mb": r(self.rss_max_proc_mb), "rss_idle_mb": r(self.rss_idle_mb),
-                "cpu_s": r(self.cpu_s)}
+                "cpu_s": r(self.cpu_s), "pg_activity": dict(self.pg_activity)}
+
+
+_LABELS = (
+    ("INSERT INTO resource AS r", "upsert resource+history+strings"),
+    ("FOR UPDATE SKIP LOCKED", "claim job entries"),
+    ("UPDATE job_entry e SET", "write entry results"),
+    ("UPDATE job SET", "update job row"),
+    ("pg_advisory_xact_lock", "advisory locks"),
+    ("FROM resource r JOIN unnest", "read resources by key"),
+    ("COPY job_upload", "COPY body (accept)"),
+    ("INSERT INTO job_entry", "split body into entries (accept)"),
+    ("UPDATE resource r SET", "delete resources"),
+    ("FROM job_entry WHERE job_id", "read job entries"),
+)
+
+
+def statement_label(statement: str) -> str:
+    """A short name for one of the product's SQL statements (its hot ones are named).
+    pg_stat_activity cuts statements at track_activity_query_size (1 kB by default), and the
+    set-based writes start with their parameter arrays inlined, so those are named by prefix."""
+    text = " ".join(statement.split())
+    for key, name in _LABELS:
+        if key in text:
+            return name
+    if text.startswith("WITH input AS ( SELECT * FROM unnest("):
+        return "upsert or delete of resources (statement cut)"
+    return text[:60]
 
 
 def _cpu(p: psutil.Process) -> float | None:
@@ -59,14 +89,24 @@ def _busy(t: Any) -> float:
     return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
 
 
+# Sessions of the benchmark database other than the sampler, and not idle between transactions.
+_ACTIVITY = """
+SELECT state, wait_event_type, wait_event, query FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+  AND state IN ('active', 'idle in transaction')
+"""
+
+
 class Monitor:
     """Samples the process groups named by `pids()` (group → root pid) plus the PostgreSQL
     backends whose command line names `database`."""
 
     def __init__(self, pids: Callable[[], dict[str, int]], database: str,
-                 interval: float = 0.1) -> None:
+                 interval: float = 0.1, database_url: str | None = None) -> None:
         self._pids = pids
         self._database = database
+        self._database_url = database_url
+        self._activity_conn: Any = None
         self._interval = interval
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -128,9 +168,29 @@ class Monitor:
                     u.rss_mb[name] = max(u.rss_mb.get(name, 0.0), total)
                     u.rss_max_proc_mb[name] = max(u.rss_max_proc_mb.get(name, 0.0), biggest)
 
+    def _sample_activity(self) -> None:
+        if self._activity_conn is None:
+            return
+        try:
+            with self._activity_conn.cursor() as cur:
+                cur.execute(_ACTIVITY)
+                rows = cur.fetchall()
+        except Exception:  # noqa: BLE001 - sampling is best effort; the run must go on
+            return
+        counts = self._usage.pg_activity
+        for state, wait_type, wait, query in rows:
+            if state == "active":
+                label = statement_label(query or "")
+                if wait_type:
+                    label += f" | {wait_type}:{wait}"
+            else:
+                label = state  # "idle in transaction": the client's turn inside a transaction
+            counts[label] = counts.get(label, 0) + 1
+
     def _loop(self) -> None:
         while self._running.is_set():
             self._sample()
+            self._sample_activity()
             time.sleep(self._interval)
 
     # ------------------------------------------------------------------ interval
@@ -146,9 +206,20 @@ class Monitor:
         self._self_cpu0 = _cpu(psutil.Process()) or 0.0
         self._machine0 = psutil.cpu_times()
         self._sample()
+        if self._database_url is not None and self._activity_conn is None:
+            import psycopg2
+
+            with contextlib.suppress(psycopg2.Error):
+                self._activity_conn = psycopg2.connect(self._database_url)
+                self._activity_conn.autocommit = True
         self._running.set()
         self._thread = threading.Thread(target=self._loop, name="bench-monitor", daemon=True)
         self._thread.start()
+
+    def close(self) -> None:
+        if self._activity_conn is not None:
+            self._activity_conn.close()
+            self._activity_conn = None
 
     def stop(self) -> Usage:
         self._running.clear()

@@ -15,7 +15,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["Run", "Series", "percentile", "render_markdown", "render_tables", "series_from_json"]
+__all__ = [
+    "Run",
+    "Series",
+    "percentile",
+    "render_markdown",
+    "render_pg_activity",
+    "render_tables",
+    "series_from_json",
+]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -103,6 +111,16 @@ class Series:
         whole = sum(totals.values())
         return {k: v / whole for k, v in totals.items()} if whole else {}
 
+    def pg_activity(self, n: int = 8) -> list[tuple[str, float]]:
+        """What the database's sessions were busy with (sampled), as shares of all samples."""
+        totals: dict[str, int] = {}
+        for r in self.runs:
+            for k, v in r.usage.get("pg_activity", {}).items():
+                totals[k] = totals.get(k, 0) + v
+        whole = sum(totals.values())
+        top = sorted(totals.items(), key=lambda kv: -kv[1])[:n]
+        return [(k, v / whole) for k, v in top] if whole else []
+
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["summary"] = {
@@ -112,6 +130,7 @@ class Series:
             "p99_ms": self.median_of(lambda r: r.p99_ms),
             "rss_api_mb": self.rss("api"), "rss_worker_mb": self.rss("worker"),
             "cpu_share": self.cpu_share(),
+            "pg_activity": self.pg_activity(),
         }
         return out
 
@@ -164,6 +183,15 @@ def _cpu_text(s: Series) -> str:
     # Time waiting for the disk counts as idle: no core was working for anyone.
     share["idle"] = share.get("idle", 0) + share.get("iowait", 0)
     return "/".join(f"{share.get(k, 0) * 100:.0f}" for k in CPU_GROUPS)
+
+
+def render_pg_activity(series: list[Series], console: Console) -> None:
+    for s in series:
+        top = s.pg_activity()
+        if top:
+            console.print(f"  [bold]{s.workload} {s.label}[/bold]: database sessions, sampled")
+            for label, share in top:
+                console.print(f"    {share * 100:5.1f}%  {label}")
 
 
 def render_tables(series: list[Series], console: Console | None = None) -> None:

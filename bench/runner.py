@@ -21,7 +21,13 @@ from rich.console import Console
 from bench.client import JobClient
 from bench.monitor import Monitor
 from bench.profile import Profiler
-from bench.report import Series, render_markdown, render_tables, series_from_json
+from bench.report import (
+    Series,
+    render_markdown,
+    render_pg_activity,
+    render_tables,
+    series_from_json,
+)
 from bench.services import DEFAULT_DATABASE, bench_services
 from bench.stack import Stack, StackOptions
 from bench.workloads import QUICK, Bench, Sizes
@@ -112,8 +118,9 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> list[Series
                       f"{opts.stack.api_threads} gthread), worker ×{stack.concurrency}; "
                       f"logs in {log_dir}")
         client = JobClient(stack.origin, db_url=services.database_url)
-        bench = Bench(services, stack, client, Monitor(stack.pids, services.database), sizes,
-                      console)
+        monitor = Monitor(stack.pids, services.database, database_url=services.database_url)
+        exits.callback(monitor.close)
+        bench = Bench(services, stack, client, monitor, sizes, console)
         exits.callback(bench.loop.close)
         exits.callback(lambda: bench.loop.run_until_complete(client.close()))
         if opts.profile_dir is not None:
@@ -136,13 +143,15 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> list[Series
                 out += bench.synthea(opts.synthea_dir)
             results += out
             render_tables(out, console)
+            if opts.profile_dir is not None:
+                render_pg_activity(out, console)
             console.print(f"[dim]{name} took {time.monotonic() - t0:.0f} s[/dim]\n")
 
     meta["seconds"] = round(time.monotonic() - started, 1)
     if bench.profiles:
         meta["profiles"] = {k: p.as_json() for k, p in bench.profiles.items()}
-        for p in bench.profiles.values():
-            console.print(f"[bold]profile[/bold] {p.text(15)}")
+        for key, p in bench.profiles.items():
+            console.print(f"[bold]profile {key}[/bold]\n{p.text(15)}")
     console.rule("summary")
     render_tables(results, console)
     console.print(f"fhirq bench: {meta['seconds']:.0f} s in all")
