@@ -200,6 +200,11 @@ class Stack:
 
         client = redis.Redis.from_url(redis_client_url(self.services.broker_url),
                                       socket_timeout=5)
+        keys = [self.queue, f"_kombu.binding.{self.queue}",
+                f"_kombu.binding_permanent.{self.queue}",
+                *(f"{self.queue}\x06\x16{p}" for p in range(10))]  # priority sub-queues
         with contextlib.suppress(redis.RedisError, OSError):
-            client.delete(self.queue, *(f"{self.queue}\x06\x16{p}" for p in range(10)))
+            client.delete(*keys)
+            for key in client.scan_iter(match=f"*{self.queue}*", count=1000):
+                client.delete(key)
         client.close()
