@@ -65,7 +65,8 @@ def jobs_env(db_url: str) -> Iterator[dict[str, str]]:
     celery.conf.task_default_queue = QUEUE
     celery.conf.broker_url = REDIS_URL
     yield {**JOB_ENV, "FHIRQ_DATABASE_URL": db_url}
-    redis.Redis.from_url(REDIS_URL).delete(QUEUE)
+    broker = redis.Redis.from_url(REDIS_URL)
+    broker.delete(QUEUE, f"_kombu.binding.{QUEUE}", f"_kombu.binding_permanent.{QUEUE}")
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
