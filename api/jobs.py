@@ -22,6 +22,7 @@ from core.jobs import (
     get_job,
     job_json,
     job_settings,
+    jobs_url_for,
     list_entries,
     list_jobs,
     retry_failed,
@@ -54,7 +55,8 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 def _jobs_url() -> str:
-    return request.host_url.rstrip("/") + "/jobs"
+    """Absolute `/jobs` URL, beside the FHIR base (FHIRQ_BASE_URL when set)."""
+    return jobs_url_for(base_url(request))
 
 
 def _load(job_id: str) -> dict[str, Any]:
