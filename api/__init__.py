@@ -13,9 +13,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["FHIRQ"] = settings or get_settings()
 
-    from api import errors, fhir, health
+    from api import errors, fhir, health, jobs
 
     errors.register(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(fhir.bp)
+    jobs.register(app)
     return app

@@ -29,7 +29,7 @@ from api.http import (
     settings,
 )
 from core.errors import BadRequest, FhirError
-from core.fhir.bundle import check_bundle, upsert_entry
+from core.fhir.bundle import check_bundle, upsert_entry, upsert_outcome
 from core.fhir.capability import capability_statement
 from core.fhir.engine import execute_batch, execute_transaction, response_bundle
 from core.fhir.model import EntryResult
@@ -148,18 +148,8 @@ def put_upsert() -> Response:
         return out
 
     for r in _in_transaction(run):
-        answers[r.index] = r.resource if r.ok else _upsert_error(r)
+        answers[r.index] = r.resource if r.ok else upsert_outcome(r.outcome or {}, r.index)
     return fhir_response([answers[i] for i in range(len(elements))])
-
-
-def _upsert_error(result: EntryResult) -> dict[str, Any]:
-    body = dict(result.outcome or {})
-    for issue in body.get("issue", []):
-        issue["expression"] = [
-            e.replace(f"Bundle.entry[{result.index}].resource", f"[{result.index}]")
-            for e in issue.get("expression", [])
-        ]
-    return body
 
 
 # --------------------------------------------------------------------------- REST

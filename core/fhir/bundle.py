@@ -7,7 +7,7 @@ from typing import Any
 from core.errors import BadRequest, FhirError, TooLarge
 from core.fhir.validation import is_valid_id, known_resource_type
 
-__all__ = ["check_bundle", "upsert_entry"]
+__all__ = ["check_bundle", "upsert_entry", "upsert_outcome"]
 
 BUNDLE_KINDS = ("batch", "transaction")
 
@@ -67,3 +67,15 @@ def upsert_entry(element: Any, index: int) -> dict[str, Any]:
         err.index = index
         raise
     return {"resource": element, "request": {"method": "PUT", "url": f"{rtype}/{rid}"}}
+
+
+def upsert_outcome(body: dict[str, Any], index: int) -> dict[str, Any]:
+    """An upsert element is `[i]`, not `Bundle.entry[i].resource`: say so in expressions."""
+    for issue in body.get("issue", []):
+        if "expression" in issue:
+            issue["expression"] = [
+                e.replace(f"Bundle.entry[{index}].resource", f"[{index}]")
+                .replace(f"Bundle.entry[{index}]", f"[{index}]")
+                for e in issue["expression"]
+            ]
+    return body

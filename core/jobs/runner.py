@@ -32,13 +32,13 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
 from core.errors import BadRequest, FhirError, TooLarge
-from core.fhir.bundle import upsert_entry
+from core.fhir.bundle import upsert_entry, upsert_outcome
 from core.fhir.engine import execute_batch, execute_transaction
 from core.fhir.model import Context, EntryResult
 from core.fhir.outcome import from_error, internal_error
 from core.jobs.model import ACTIVE, Dispatch
 
-__all__ = ["JobCancelled", "run_chunk", "run_transaction_job", "upsert_outcome"]
+__all__ = ["JobCancelled", "run_chunk", "run_transaction_job"]
 
 log = logging.getLogger(__name__)
 
@@ -285,18 +285,6 @@ def _execute(conn: Connection, entries: list[tuple[int, dict[str, Any]]], ctx: C
                 "This entry failed on an internal error; nothing of it was written."
             )))
     return out
-
-
-def upsert_outcome(body: dict[str, Any], index: int) -> dict[str, Any]:
-    """An upsert element is `[i]`, not `Bundle.entry[i].resource`: say so in expressions."""
-    for issue in body.get("issue", []):
-        if "expression" in issue:
-            issue["expression"] = [
-                e.replace(f"Bundle.entry[{index}].resource", f"[{index}]")
-                .replace(f"Bundle.entry[{index}]", f"[{index}]")
-                for e in issue["expression"]
-            ]
-    return body
 
 
 # --------------------------------------------------------------------------- result rows
