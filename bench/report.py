@@ -2,8 +2,8 @@
 the README table is regenerated from), and their rendering as rich tables and as Markdown.
 
 A *series* is one workload at one size and configuration, run `n` times; it reports the median,
-min and max of its rate, the median of its baseline (COPY of the same rows, same run), and their
-ratio.
+min and max of its rate, the median of its baselines (COPY of the same rows, measured right after
+each run), and the median of the runs' ratios.
 """
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ class Run:
     p99_ms: float | None = None
     usage: dict[str, Any] = field(default_factory=dict)  # monitor.Usage.as_json()
     extra: dict[str, float] = field(default_factory=dict)  # workload-specific figures
+    baseline: float | None = None  # COPY rows/s of the same rows, measured right after
+
+    @property
+    def ratio(self) -> float | None:
+        return self.rate / self.baseline if self.baseline else None
 
 
 @dataclass
@@ -57,7 +62,7 @@ class Series:
     label: str  # this series: size and configuration
     unit: str  # "entries/s" or "resources/s"
     runs: list[Run] = field(default_factory=list)
-    baseline: list[float] = field(default_factory=list)  # COPY rows/s, one per baseline run
+    baseline: list[float] = field(default_factory=list)  # COPY rows/s, one per run
     target: str | None = None
     met: bool | None = None
     note: str = ""
@@ -85,6 +90,11 @@ class Series:
 
     @property
     def ratio(self) -> float | None:
+        """The median of the runs' own ratios (each run against the COPY measured right after
+        it), so that a busy moment of the machine weighs on both sides of a ratio."""
+        ratios = [r.ratio for r in self.runs if r.ratio is not None]
+        if ratios:
+            return statistics.median(ratios)
         base = self.baseline_median
         return self.median / base if base else None
 

@@ -125,6 +125,7 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> list[Series
         exits.callback(lambda: bench.loop.run_until_complete(client.close()))
         if opts.profile_dir is not None:
             bench.profiler = Profiler(opts.profile_dir)
+        bench.warm_up()
 
         w1_series: list[Series] = []
         for name in ORDER:

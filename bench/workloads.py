@@ -1,8 +1,10 @@
 """The workloads W1–W6 (issue "Throughput near the PostgreSQL limit") and the real-Synthea load.
 
-Each `run_*` measures one workload at one size `runs` times against the running product, each
-run on an empty store, and measures its COPY baseline on the same rows in the same process, then
-returns a `Series`. What each one times:
+Each workload method measures one workload at one size `runs` times against the running product,
+each run on an empty store, and returns `Series`. Every run is paired with a COPY baseline of the
+same rows measured right after it, so a run and its baseline share the machine's conditions (it
+is shared and noisy) and the series' ratio is the median of the runs' own ratios. What each
+one times:
 
 - W1 async batch of Patient creates: POST of the Bundle → the job seen completed.
 - W2 PUT upserts, half to existing ids: after an untimed load of the existing half, PUT of the
@@ -69,11 +71,10 @@ class Sizes:
     w5_clients: int = 20
     w5_per_client: int = 25
     w5_entries: int = 10
-    baseline_runs: int = 3
 
 
 QUICK = Sizes(runs=1, w1_full=0, w1_repeat=2_000, w2=1_000, w3_bundles=5, w4=5_000,
-              w5_clients=20, w5_per_client=3, baseline_runs=1)
+              w5_clients=20, w5_per_client=3)
 
 
 @dataclass
@@ -91,7 +92,7 @@ class Bench:
     profiles: dict[str, Any] = field(default_factory=dict)
     _patients: list[dict[str, Any]] = field(default_factory=list)
     _bodies: dict[int, bytes] = field(default_factory=dict)
-    _baselines: dict[int, list[float]] = field(default_factory=dict)
+    _rows: dict[str, baseline.CopyRows] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ shared helpers
 
@@ -154,16 +155,39 @@ class Bench:
             self._bodies[n] = data.batch_body(self.patients(n))
         return self._bodies[n]
 
-    def measure_baseline(self, rows: baseline.CopyRows) -> list[float]:
-        return baseline.time_copy(self.services.database_url, rows, self.sizes.baseline_runs)
+    def warm_up(self) -> None:
+        """A few small jobs of every kind and resource type the workloads use, untimed, so that
+        each worker and API process has paid its one-time costs (imports, connection pools,
+        compiling the validators of a resource type on first use) before anything is measured."""
+        rng = random.Random(9)
+        n = 2 * max(1, self.stack.concurrency)
+        bodies = [data.transaction_body(data.synthea_like_bundle(40, rng, serial=i))
+                  for i in range(n)]
+        bodies += [data.batch_body(data.patients(50, seed=9 + i)) for i in range(n)]
+        _, subs, jobs = self.run_async(self._submit_all(bodies))
+        for sub in subs:
+            if jobs[sub.job_id].state != "completed":
+                raise BenchError(f"warm-up job {sub.job_id} ended {jobs[sub.job_id].state}")
+        self.reset_store()
 
-    def patients_baseline(self, n: int) -> list[float]:
-        """The COPY baseline of `n` Patients, measured once per bench (W1, W4, W6 share it)."""
-        if n not in self._baselines:
-            self.say(f"COPY baseline: {n:,} Patients")
-            rows = baseline.prepare_rows(_with_ids(self.patients(n)))
-            self._baselines[n] = self.measure_baseline(rows)
-        return self._baselines[n]
+    def rows(self, key: str, make: Callable[[], baseline.CopyRows]) -> baseline.CopyRows:
+        """A workload's COPY rows, prepared once (untimed) and kept for every run."""
+        if key not in self._rows:
+            self._rows[key] = make()
+        return self._rows[key]
+
+    def patient_rows(self, n: int) -> baseline.CopyRows:
+        return self.rows(f"patients {n}",
+                         lambda: baseline.prepare_rows(_with_ids(self.patients(n))))
+
+    def pair(self, series: Series, run: Run, rows: baseline.CopyRows) -> Run:
+        """Add `run` to `series` with the COPY baseline of its rows, measured now."""
+        run.baseline = baseline.time_copy(self.services.database_url, rows, 1)[0]
+        series.runs.append(run)
+        series.baseline.append(run.baseline)
+        self.say(f"  COPY of the same {rows.count:,} rows: {run.baseline:,.0f} rows/s, "
+                 f"ratio {run.rate / run.baseline:.2f}")
+        return run
 
     def _begin(self, label: str) -> None:
         self.stack.check()
@@ -235,12 +259,11 @@ class Bench:
                  f"(202 after {sub.accept_seconds:.2f} s)")
         return run
 
-    def _batch_series(self, workload: str, title: str, label: str, n: int, runs: int,
-                      base: list[float] | None = None) -> Series:
+    def _batch_series(self, workload: str, title: str, label: str, n: int, runs: int) -> Series:
         s = Series(workload, title, label, "entries/s")
         for i in range(runs):
-            s.runs.append(self._one_batch(f"{workload} {label} run {i + 1}", n))
-        s.baseline = base if base is not None else self.patients_baseline(n)
+            self.pair(s, self._one_batch(f"{workload} {label} run {i + 1}", n),
+                      self.patient_rows(n))
         return s
 
     def w1(self) -> list[Series]:
@@ -266,18 +289,18 @@ class Bench:
         size when there is one: it ran with two)."""
         z = self.sizes
         title = f"W1 ({z.w1_repeat:,} creates) by worker processes"
-        base = two.baseline if two is not None else None
         concurrency = self.stack.concurrency
         self.say("W6: restarting the worker with one process")
         self.stack.restart_worker(1)
         try:
-            one = self._batch_series("W6", title, "1 worker process", z.w1_repeat, z.runs, base)
+            self.warm_up()
+            one = self._batch_series("W6", title, "1 worker process", z.w1_repeat, z.runs)
         finally:
             self.say(f"W6: restarting the worker with {concurrency} processes")
             self.stack.restart_worker(concurrency)
+            self.warm_up()
         if two is None:
-            two = self._batch_series("W6", title, "2 worker processes", z.w1_repeat, z.runs,
-                                     one.baseline)
+            two = self._batch_series("W6", title, "2 worker processes", z.w1_repeat, z.runs)
         else:
             two = Series("W6", title, "2 worker processes", "entries/s", list(two.runs),
                          list(two.baseline), note="the runs of W1 at this size")
@@ -309,22 +332,21 @@ class Bench:
                 raise BenchError(f"{label}: {updated} resources got a second version, "
                                  f"expected {len(setup)}")
             seconds = job.raw["_seen_at"] - sub.sent_at
-            s.runs.append(Run(len(upserts), seconds, len(upserts) / seconds,
-                              usage=usage.as_json(),
-                              extra={"accept_s": sub.accept_seconds, "setup_s": setup_s}))
             self.say(f"{label}: {len(upserts):,} upserts in {seconds:.1f} s = "
                      f"{len(upserts) / seconds:,.0f}/s")
-        self.say("W2: COPY baseline")
-        s.baseline = self.measure_baseline(baseline.prepare_rows(upserts))
+            self.pair(s, Run(len(upserts), seconds, len(upserts) / seconds,
+                             usage=usage.as_json(),
+                             extra={"accept_s": sub.accept_seconds, "setup_s": setup_s}),
+                      self.rows("W2", lambda: baseline.prepare_rows(upserts)))
         return [s]
 
     # ------------------------------------------------------------------ W3
 
-    def _transactions(self, workload: str, label: str, bodies: list[bytes], sizes: list[int],
-                      runs: int, before: Callable[[], None] | None = None) -> list[Run]:
+    def _transactions(self, series: Series, label: str, bodies: list[bytes], sizes: list[int],
+                      rows: Callable[[], baseline.CopyRows],
+                      before: Callable[[], None] | None = None) -> None:
         total = sum(sizes)
-        out: list[Run] = []
-        for i in range(runs):
+        for i in range(self.sizes.runs):
             name = f"{label} run {i + 1}"
             self.reset_store()
             if before is not None:
@@ -341,8 +363,7 @@ class Bench:
                       extra={"accept_s": statistics.median(s.accept_seconds for s in subs)})
             self.say(f"{name}: {len(bodies)} transactions, {total:,} resources in "
                      f"{run.seconds:.1f} s = {run.rate:,.0f}/s")
-            out.append(run)
-        return out
+            self.pair(series, run, self.rows(label, rows))
 
     def w3(self) -> list[Series]:
         z = self.sizes
@@ -352,16 +373,13 @@ class Bench:
         s = Series("W3", "Synthea-like transaction bundles submitted async at once",
                    f"{len(bundles)} bundles, {sum(sizes):,} resources", "resources/s",
                    target="≥ 3,000 resources/s")
-        s.runs = self._transactions("W3", "W3", bodies, sizes, z.runs)
-        self.say("W3: COPY baseline")
-        rows = baseline.prepare_rows(r for b in bundles for r in baseline.resolve_placeholders(b))
-        s.baseline = self.measure_baseline(rows)
+        self._transactions(s, "W3", bodies, sizes, lambda: baseline.prepare_rows(
+            r for b in bundles for r in baseline.resolve_placeholders(b)))
         s.met = s.median >= 3000
         return [s]
 
     def synthea(self, directory: Path | None = None) -> list[Series]:
         """The 22 real bundles: the two batch bundles, then the 20 transactions at once."""
-        z = self.sizes
         real = data.load_synthea(directory)
         title = "real Synthea bundles (2 batch, then 20 transactions at once)"
         batches = Series("W3", title, "2 batch bundles (ifNoneExist)", "entries/s")
@@ -378,15 +396,18 @@ class Bench:
             seconds = max(j.raw["_seen_at"] for j in jobs.values()) - t0
             batches.runs.append(Run(sum(batch_sizes), seconds, sum(batch_sizes) / seconds))
 
-        trans.runs = self._transactions(
-            "W3", "W3 real Synthea", [b for _, b in real.transactions],
-            [len(b) for b in trans_bundles], z.runs, before=load_batches)
-        self.say("W3 real Synthea: COPY baseline")
-        resources = [r for _, b in real.batches
-                     for r in baseline.resolve_placeholders(orjson.loads(b)["entry"])]
-        resources += [r for b in trans_bundles for r in baseline.resolve_placeholders(b)]
-        base = self.measure_baseline(baseline.prepare_rows(resources))
-        batches.baseline = trans.baseline = base
+        def rows() -> baseline.CopyRows:
+            resources = [r for _, b in real.batches
+                         for r in baseline.resolve_placeholders(orjson.loads(b)["entry"])]
+            resources += [r for b in trans_bundles for r in baseline.resolve_placeholders(b)]
+            return baseline.prepare_rows(resources)
+
+        self._transactions(trans, "W3 real Synthea", [b for _, b in real.transactions],
+                           [len(b) for b in trans_bundles], rows, before=load_batches)
+        # The batch phase of each run shares its run's baseline: all 22 bundles' rows.
+        for run, base in zip(batches.runs, trans.baseline, strict=True):
+            run.baseline = base
+            batches.baseline.append(base)
         trans.met = trans.median >= 3000
         return [batches, trans]
 
@@ -411,16 +432,16 @@ class Bench:
             u = usage.as_json()
             peak_proc = u["rss_max_proc_mb"].get("api", 0.0)
             growth = u["rss_mb"].get("api", 0.0) - u["rss_idle_mb"].get("api", 0.0)
-            s.runs.append(Run(z.w4, sub.accept_seconds, z.w4 / sub.accept_seconds, usage=u,
-                              extra={"accept_s": sub.accept_seconds, "parse_s": parse_s,
-                                     "parse_nogc_s": parse_nogc_s,
-                                     "accept_over_parse": sub.accept_seconds / parse_s,
-                                     "body_mb": body_mb, "api_rss_growth_mb": growth,
-                                     "api_rss_over_body": peak_proc / body_mb}))
+            run = Run(z.w4, sub.accept_seconds, z.w4 / sub.accept_seconds, usage=u,
+                      extra={"accept_s": sub.accept_seconds, "parse_s": parse_s,
+                             "parse_nogc_s": parse_nogc_s,
+                             "accept_over_parse": sub.accept_seconds / parse_s,
+                             "body_mb": body_mb, "api_rss_growth_mb": growth,
+                             "api_rss_over_body": peak_proc / body_mb})
             self.say(f"{label}: 202 after {sub.accept_seconds:.2f} s (orjson.loads "
                      f"{parse_s:.2f} s, {parse_nogc_s:.2f} s without gc); API process peak "
                      f"{peak_proc:,.0f} MB, tree grew {growth:,.0f} MB; body {body_mb:,.0f} MB")
-        s.baseline = self.patients_baseline(z.w4)
+            self.pair(s, run, self.patient_rows(z.w4))
         s.met = (s.extra("accept_over_parse") or 99) <= 3 and (s.extra("api_rss_over_body")
                                                                  or 99) <= 2
         s.note = ("parse: a plain orjson.loads of the body in a fresh interpreter (the "
@@ -452,14 +473,11 @@ class Bench:
             ms = [x * 1000 for x in latencies]
             run = Run(entries, seconds, entries / seconds, percentile(ms, 50), percentile(ms, 99),
                       usage.as_json(), extra={"transactions_per_s": len(latencies) / seconds})
-            s.runs.append(run)
             self.say(f"{label}: {len(latencies)} transactions in {seconds:.1f} s, "
                      f"p50 {run.p50_ms:.0f} ms, p99 {run.p99_ms:.0f} ms")
-        self.say("W5: COPY baseline")
-        count = z.w5_clients * z.w5_per_client
-        rows = baseline.prepare_rows(
-            r for j in range(count) for r in baseline.resolve_placeholders(bundles[j % 64]))
-        s.baseline = self.measure_baseline(rows)
+            self.pair(s, run, self.rows("W5", lambda: baseline.prepare_rows(
+                r for j in range(z.w5_clients * z.w5_per_client)
+                for r in baseline.resolve_placeholders(bundles[j % 64]))))
         s.met = (s.median_of(lambda r: r.p99_ms) or 1e9) <= 50
         return [s]
 
