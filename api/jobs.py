@@ -14,6 +14,7 @@ from flask import Blueprint, Flask, Response, g, request
 
 from api.http import base_url, fhir_response
 from api.submit import status_url
+from core.config import get_settings
 from core.errors import BadRequest, NotFound
 from core.fhir.outcome import informational
 from core.jobs import (
@@ -21,7 +22,6 @@ from core.jobs import (
     cancel_job,
     get_job,
     job_json,
-    job_settings,
     jobs_url_for,
     list_entries,
     list_jobs,
@@ -176,7 +176,7 @@ def entries(job_id: str) -> Response:
 @jobs_bp.post("/<job_id>/retry")
 def retry(job_id: str) -> Response:
     with get_engine().begin() as conn:
-        n, dispatches = retry_failed(conn, job_id, _owner(), job_settings().inflight_chunks)
+        n, dispatches = retry_failed(conn, job_id, _owner(), get_settings().inflight_chunks)
         job = get_job(conn, job_id, _owner())
     assert job is not None
     if dispatches:

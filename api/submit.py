@@ -16,7 +16,7 @@ from flask import Request, Response, g
 from api.http import base_url, fhir_response, prefer_return, settings
 from core.errors import BadRequest, TooLarge
 from core.fhir.outcome import informational
-from core.jobs import Submission, accept_job, job_settings
+from core.jobs import Submission, accept_job
 from core.jobs.callback import valid_callback_url
 from core.store.db import get_engine
 
@@ -37,7 +37,7 @@ def submit_async(kind: str, request: Request) -> Response:
     NDJSON of resources). Must be called before anything reads the request body."""
     if kind not in ("bundle", "upsert"):
         raise ValueError(f"unknown submission kind {kind!r}")
-    cfg, jobs = settings(), job_settings()
+    cfg = settings()
     ndjson = (request.mimetype or "").lower() in NDJSON_TYPES
     if ndjson and kind == "bundle":
         raise BadRequest("A Bundle is one JSON document, not NDJSON", code="not-supported")
@@ -63,7 +63,7 @@ def submit_async(kind: str, request: Request) -> Response:
         ndjson=ndjson,
         chunk_size=cfg.chunk_size,
         max_bytes=cfg.async_max_bytes,
-        inflight_chunks=jobs.inflight_chunks,
+        inflight_chunks=cfg.inflight_chunks,
         idempotency_key=key.strip() if key else None,
         callback_url=callback,
     )

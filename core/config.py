@@ -11,6 +11,12 @@ def _int(name: str, default: int) -> int:
     return int(raw) if raw not in (None, "") else default
 
 
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return float(raw) if raw not in (None, "") else default
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every knob fhirq has. README's configuration table mirrors this class."""
@@ -35,6 +41,27 @@ class Settings:
     )
     search_default_count: int = field(default_factory=lambda: _int("FHIRQ_SEARCH_COUNT", 50))
     search_max_count: int = field(default_factory=lambda: _int("FHIRQ_SEARCH_MAX_COUNT", 1000))
+
+    # Async jobs and their workers.
+    # Chunk tasks of one job in the queue or running at once. The queue is FIFO, so a job
+    # submitted later waits behind at most this many chunks of each earlier job (fairness).
+    inflight_chunks: int = field(default_factory=lambda: _int("FHIRQ_JOB_INFLIGHT", 4))
+    # An active job with no progress for this long is presumed to have lost its tasks.
+    stall_seconds: float = field(default_factory=lambda: _float("FHIRQ_JOB_STALL_SECONDS", 120))
+    reaper_interval: float = field(default_factory=lambda: _float("FHIRQ_REAPER_INTERVAL", 30))
+    queue: str = field(default_factory=lambda: os.environ.get("FHIRQ_QUEUE", "fhirq"))
+    # Redis re-delivers an unacked message after this; every task limit stays below it.
+    visibility_timeout: int = field(
+        default_factory=lambda: _int("FHIRQ_CELERY_VISIBILITY_TIMEOUT", 7200)
+    )
+    chunk_time_limit: int = field(default_factory=lambda: _int("FHIRQ_CHUNK_TIME_LIMIT", 900))
+    transaction_time_limit: int = field(
+        default_factory=lambda: _int("FHIRQ_TRANSACTION_TIME_LIMIT", 3600)
+    )
+    callback_timeout: float = field(
+        default_factory=lambda: _float("FHIRQ_CALLBACK_TIMEOUT", 10)
+    )
+    callback_attempts: int = field(default_factory=lambda: _int("FHIRQ_CALLBACK_ATTEMPTS", 5))
 
 
 def get_settings() -> Settings:

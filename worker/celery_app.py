@@ -12,10 +12,9 @@ from __future__ import annotations
 from celery import Celery
 
 from core.config import get_settings
-from core.jobs.settings import job_settings
 
 settings = get_settings()
-jobs = job_settings()
+jobs = get_settings()
 
 celery = Celery(
     "fhirq",

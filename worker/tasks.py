@@ -14,6 +14,7 @@ from typing import Any
 from celery import Task
 from sqlalchemy import Connection
 
+from core.config import get_settings
 from core.jobs import (
     Dispatch,
     JobCancelled,
@@ -21,7 +22,6 @@ from core.jobs import (
     finish_callback,
     get_job,
     job_json,
-    job_settings,
     jobs_url_for,
     reap,
     run_chunk,
@@ -53,8 +53,8 @@ class JobTask(Task):
         enqueue(dispatches or ())
 
 
-@celery.task(base=JobTask, name="fhirq.chunk", soft_time_limit=job_settings().chunk_time_limit,
-             time_limit=job_settings().chunk_time_limit + 30)
+@celery.task(base=JobTask, name="fhirq.chunk", soft_time_limit=get_settings().chunk_time_limit,
+             time_limit=get_settings().chunk_time_limit + 30)
 def chunk(conn: Connection, job_id: str, gen: int) -> list[Dispatch]:
     return run_chunk(conn, job_id, gen)
 
@@ -66,7 +66,7 @@ def transaction(conn: Connection, job_id: str, gen: int = 0) -> list[Dispatch]:
 
 @celery.task(base=JobTask, name="fhirq.reap")
 def reaper(conn: Connection) -> list[Dispatch]:
-    cfg = job_settings()
+    cfg = get_settings()
     return reap(conn, cfg.stall_seconds, cfg.inflight_chunks)
 
 
@@ -74,7 +74,7 @@ def reaper(conn: Connection) -> list[Dispatch]:
 def callback(self: Task, job_id: str) -> None:
     """POST the job's status to its callback URL, once. Two short transactions around the
     HTTP call: the claim (so no other task sends it) and the outcome."""
-    cfg = job_settings()
+    cfg = get_settings()
     with get_engine().begin() as conn:
         claim = claim_callback(conn, job_id)
         if claim is None:

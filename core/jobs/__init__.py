@@ -13,7 +13,6 @@ from core.jobs.control import cancel_job, claim_callback, finish_callback, reap,
 from core.jobs.intake import Accepted, Submission, accept_job
 from core.jobs.model import ACTIVE, TERMINAL, Dispatch, JobKind, JobState
 from core.jobs.runner import JobCancelled, run_chunk, run_transaction_job
-from core.jobs.settings import JobSettings, job_settings
 from core.jobs.views import (
     get_job,
     job_json,
@@ -30,7 +29,6 @@ __all__ = [
     "Dispatch",
     "JobCancelled",
     "JobKind",
-    "JobSettings",
     "JobState",
     "Submission",
     "accept_job",
@@ -39,7 +37,6 @@ __all__ = [
     "finish_callback",
     "get_job",
     "job_json",
-    "job_settings",
     "jobs_url_for",
     "list_entries",
     "list_jobs",
