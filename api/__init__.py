@@ -13,9 +13,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["FHIRQ"] = settings or get_settings()
 
-    from api import errors, fhir, health, jobs
+    from api import auth, errors, fhir, health, jobs
 
     errors.register(app)
+    auth.register(app)  # first of the before_request hooks: everything after knows g.owner
     app.register_blueprint(health.bp)
     app.register_blueprint(fhir.bp)
     jobs.register(app)

@@ -1,7 +1,10 @@
 """`fhirq up`: the whole product in one command. Starts (or reuses) the embedded PostgreSQL and
 Redis under a data directory unless FHIRQ_DATABASE_URL / FHIRQ_REDIS_URL point elsewhere,
 migrates the schema, runs the API (gunicorn) and a Celery worker (and beat when a schedule
-exists), and on Ctrl-C / SIGTERM stops all of it in order and checks nothing is left running."""
+exists), and on Ctrl-C / SIGTERM stops all of it in order and checks nothing is left running.
+
+Authentication: bound to loopback, `fhirq up` runs without it (FHIRQ_AUTH=off) unless the user
+set FHIRQ_AUTH, and says so; any other address needs FHIRQ_AUTH=required, set explicitly."""
 
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import psutil
 from cli import embedded, procutil
 from cli.processes import api_argv, beat_argv, format_host, gunicorn_has_setting, worker_argv
 
-__all__ = ["UpError", "UpOptions", "curl_example", "is_loopback", "serve"]
+__all__ = ["UpError", "UpOptions", "auth_mode", "curl_example", "is_loopback", "serve"]
 
 # How long each of our processes gets to finish in-flight work on shutdown before SIGKILL.
 # Celery's warm shutdown lets running tasks end; acks_late redelivers any we cut short.
@@ -73,11 +76,33 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def curl_example(base_url: str) -> str:
+def auth_mode(host: str, configured: str | None) -> str:
+    """The FHIRQ_AUTH the API of `fhirq up --host HOST` runs with, given the user's setting
+    (None: unset). Only loopback may run without authentication; elsewhere the user must ask
+    for it explicitly, so that widening the bind address is never what turns exposure on
+    unnoticed."""
+    value = (configured or "").strip().lower()
+    if value not in ("", "required", "off"):
+        raise UpError(f"FHIRQ_AUTH must be 'required' or 'off', not {configured!r}")
+    if is_loopback(host):
+        return value or "off"
+    if value != "required":
+        why = "FHIRQ_AUTH=off is for loopback only" if value else "FHIRQ_AUTH is not set"
+        raise UpError(
+            f"refusing to serve on {host} without authentication ({why}): only loopback "
+            "addresses (127.0.0.1, ::1, localhost) may run without it. Set FHIRQ_AUTH=required "
+            "and create API keys with `fhirq token create --owner NAME --scope 'system/*.*'`."
+        )
+    return "required"
+
+
+def curl_example(base_url: str, *, token: bool = False) -> str:
     """A ready-to-paste transaction: a Patient and an Observation that refers to it by its
-    urn:uuid placeholder, which the server rewrites to the Patient's new id."""
+    urn:uuid placeholder, which the server rewrites to the Patient's new id. With `token`, it
+    sends the bearer token in $FHIRQ_TOKEN."""
+    auth = ' -H "Authorization: Bearer $FHIRQ_TOKEN"' if token else ""
     return (
-        f"curl -s -X POST {base_url} -H 'Content-Type: application/fhir+json' -d '\n"
+        f"curl -s -X POST {base_url}{auth} -H 'Content-Type: application/fhir+json' -d '\n"
         '{"resourceType": "Bundle", "type": "transaction", "entry": [\n'
         ' {"fullUrl": "urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a",\n'
         '  "resource": {"resourceType": "Patient", "name": [{"family": "Chalmers", '
@@ -164,7 +189,7 @@ def _mask(url: str) -> str:
 
 
 def _start(
-    opts: UpOptions, data_dir: Path, stack: ExitStack, children: list[_Child]
+    opts: UpOptions, data_dir: Path, stack: ExitStack, children: list[_Child], auth: str
 ) -> list[tuple[str, Callable[[], bool]]]:
     """Start everything; return what to watch. Every stop is registered before its start so an
     interruption at any point still stops whatever did come up."""
@@ -202,6 +227,7 @@ def _start(
         FHIRQ_DATABASE_URL=db_url,
         FHIRQ_REDIS_URL=redis_url,
         FHIRQ_DATA_DIR=str(data_dir),
+        FHIRQ_AUTH=auth,
         PYTHONUNBUFFERED="1",
     )
     env.setdefault("FHIRQ_BASE_URL", base_url)
@@ -223,19 +249,35 @@ def _start(
 
     origin = f"http://{format_host(opts.host)}:{opts.port}"
     _wait_healthy(f"{origin}/healthz", children[0].proc, opts.ready_timeout)
-    _banner(opts, data_dir, base_url, [c.name for c in children])
+    _banner(opts, data_dir, base_url, [c.name for c in children], auth)
     return watched
 
 
-def _banner(opts: UpOptions, data_dir: Path, base_url: str, running: list[str]) -> None:
+def _banner(
+    opts: UpOptions, data_dir: Path, base_url: str, running: list[str], auth: str
+) -> None:
+    if auth == "off":
+        access = (
+            f"  No authentication: bound to loopback ({opts.host}), every request runs as owner "
+            "'anonymous'.\n  Set FHIRQ_AUTH=required to require tokens; other addresses "
+            "always do.\n"
+        )
+    else:
+        # The token commands find the embedded PostgreSQL through the data directory.
+        where = "" if os.environ.get("FHIRQ_DATABASE_URL") else f"FHIRQ_DATA_DIR={data_dir} "
+        access = (
+            "  Authentication required: send 'Authorization: Bearer <token>'. Create an API "
+            "key with\n"
+            f"    {where}fhirq token create --owner me --scope 'system/*.*'\n"
+            "  and export it as FHIRQ_TOKEN (the fhirq CLI sends it too).\n"
+        )
     click.echo(
         "\n"
         f"fhirq is up: {', '.join(running)} running; data in {data_dir}\n"
         f"  FHIR base URL: {base_url}\n"
-        f"  No authentication: bound to loopback only ({opts.host}); "
-        "`fhirq up` refuses other addresses.\n"
+        f"{access}"
         "  Try a transaction:\n\n"
-        f"{curl_example(base_url)}\n\n"
+        f"{curl_example(base_url, token=auth != 'off')}\n\n"
         "  Ctrl-C stops everything; the next `fhirq up` reuses the data.\n",
     )
 
@@ -276,12 +318,11 @@ def _supervise(watched: list[tuple[str, Callable[[], bool]]]) -> int:
 
 def serve(opts: UpOptions) -> int:
     """Run until a signal or a crashed process; return the exit status."""
-    if not is_loopback(opts.host):
-        raise UpError(
-            f"refusing to serve on {opts.host}: `fhirq up` has no authentication yet, so it "
-            "binds only to loopback (127.0.0.1, ::1, localhost). To serve other hosts, run "
-            "`fhirq api` behind your own access control."
-        )
+    auth = auth_mode(opts.host, os.environ.get("FHIRQ_AUTH"))
+    if auth == "off":
+        click.echo(f"fhirq: no authentication: bound to loopback ({opts.host})")
+    else:
+        _check_auth_settings()
     data_dir = opts.data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(data_dir):
@@ -293,7 +334,7 @@ def serve(opts: UpOptions) -> int:
         try:
             with ExitStack() as stack:
                 try:
-                    status = _supervise(_start(opts, data_dir, stack, children))
+                    status = _supervise(_start(opts, data_dir, stack, children, auth))
                 except _Stop as stop:
                     click.echo(f"\nfhirq: {signal.Signals(stop.signum).name}: stopping")
                     status = 0
@@ -308,6 +349,17 @@ def serve(opts: UpOptions) -> int:
             return 1
         click.echo("fhirq: stopped")
         return status
+
+
+def _check_auth_settings() -> None:
+    """A JWT configuration the API would refuse stops `fhirq up` before anything starts."""
+    from core.auth import check_settings
+    from core.config import get_settings
+
+    try:
+        check_settings(get_settings())
+    except ValueError as exc:
+        raise UpError(str(exc)) from None
 
 
 def _reap_leftovers(tracked: list[psutil.Process]) -> int:

@@ -12,6 +12,13 @@ def _int(name: str, default: int) -> int:
 
 
 
+def _choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = (os.environ.get(name) or default).strip().lower()
+    if raw not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
+    return raw
+
+
 def _float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     return float(raw) if raw not in (None, "") else default
@@ -62,6 +69,25 @@ class Settings:
         default_factory=lambda: _float("FHIRQ_CALLBACK_TIMEOUT", 10)
     )
     callback_attempts: int = field(default_factory=lambda: _int("FHIRQ_CALLBACK_ATTEMPTS", 5))
+
+    # Authentication (core.auth, api.auth). `off` runs every request as owner "anonymous":
+    # `fhirq up` chooses it on loopback only.
+    auth: str = field(
+        default_factory=lambda: _choice("FHIRQ_AUTH", ("required", "off"), "required")
+    )
+    # JWT bearer tokens are accepted when a JWKS is configured (a URL, fetched and cached, or a
+    # file); issuer and audience are then required too, so a token minted for another service
+    # is never accepted here.
+    jwks_url: str | None = field(default_factory=lambda: os.environ.get("FHIRQ_JWKS_URL") or None)
+    jwks_file: str | None = field(
+        default_factory=lambda: os.environ.get("FHIRQ_JWKS_FILE") or None
+    )
+    jwt_issuer: str | None = field(
+        default_factory=lambda: os.environ.get("FHIRQ_JWT_ISSUER") or None
+    )
+    jwt_audience: str | None = field(
+        default_factory=lambda: os.environ.get("FHIRQ_JWT_AUDIENCE") or None
+    )
 
 
 def get_settings() -> Settings:

@@ -90,10 +90,14 @@ def make_engine(url: str) -> Engine:
 
 @pytest.fixture
 def client(clean_db: Engine):  # type: ignore[no-untyped-def]
-    """A Flask test client over the real database."""
-    from api import create_app
+    """A Flask test client over the real database, without authentication (owner
+    "anonymous"); tests/test_auth.py covers authentication."""
+    from dataclasses import replace
 
-    app = create_app()
+    from api import create_app
+    from core.config import get_settings
+
+    app = create_app(replace(get_settings(), auth="off"))
     app.config["TESTING"] = True
     return app.test_client()
 

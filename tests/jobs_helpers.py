@@ -52,6 +52,9 @@ JOB_ENV = {
     "FHIRQ_JOB_STALL_SECONDS": "3",
     "FHIRQ_REAPER_INTERVAL": "1",
     "FHIRQ_CALLBACK_ATTEMPTS": "3",
+    # Job tests stand in for owners with X-Test-Owner (`api`) or run as "anonymous" (the
+    # servers they spawn); tests/test_auth.py covers authentication.
+    "FHIRQ_AUTH": "off",
 }
 
 

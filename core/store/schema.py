@@ -167,3 +167,20 @@ job_upload = Table(
     Column("body", Text, nullable=False),
     prefixes=["UNLOGGED"],
 )
+
+# --------------------------------------------------------------------------- authentication
+# Owned by core.auth.api_keys. A static API key `fhq_<id>_<secret>` is stored as the SHA-256 of
+# the whole token, never the token itself; it is looked up by id, then the hash is compared.
+
+api_key = Table(
+    "api_key",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("owner", Text, nullable=False),
+    Column("name", Text),
+    Column("key_hash", Text, nullable=False),  # hex SHA-256 of the token
+    Column("scopes", ARRAY(Text), nullable=False, server_default="{}"),  # SMART system scopes
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("revoked_at", DateTime(timezone=True)),
+    Index("ix_api_key_owner", "owner"),
+)

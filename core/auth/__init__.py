@@ -1,0 +1,86 @@
+"""Authentication and authorization: who a bearer token belongs to and what it may do.
+
+    core.auth              Principal, authenticate(), check_settings()
+    core.auth.api_keys     static API keys `fhq_<id>_<secret>`, stored hashed (table api_key)
+    core.auth.jwt_tokens   JWTs checked against a JWKS (RS256 / ES256)
+    core.auth.scopes       SMART `system/` scopes and what a request needs
+
+The owner a token names is the owner of the jobs it submits; every job query filters on it.
+API keys and JWTs share one owner namespace: a key created for `etl` and a JWT with
+`sub: etl` see the same jobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+
+from core.auth.api_keys import is_api_key, verify_key
+from core.auth.jwt_tokens import jwks_for, verify_jwt
+from core.auth.scopes import Grant, Requirement, allows, parse_scopes
+from core.config import Settings
+from core.errors import Unauthorized
+
+__all__ = ["ANONYMOUS", "Principal", "authenticate", "check_settings", "jwt_enabled"]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: the owner its jobs belong to and the scopes it holds."""
+
+    owner: str
+    scopes: tuple[str, ...]
+    method: str  # "api-key" | "jwt" | "none" (FHIRQ_AUTH=off)
+    key_id: str | None = None
+
+    @property
+    def grants(self) -> tuple[Grant, ...]:
+        return parse_scopes(self.scopes)
+
+    def allows(self, need: Requirement) -> bool:
+        return allows(self.grants, need)
+
+
+# Everyone, when authentication is off (`fhirq up` on loopback).
+ANONYMOUS = Principal("anonymous", ("system/*.*",), "none")
+
+
+def jwt_enabled(settings: Settings) -> bool:
+    return bool(settings.jwks_url or settings.jwks_file)
+
+
+def check_settings(settings: Settings) -> None:
+    """Refuse, at startup, a configuration that would accept tokens meant for someone else."""
+    if settings.jwks_url and settings.jwks_file:
+        raise ValueError("set FHIRQ_JWKS_URL or FHIRQ_JWKS_FILE, not both")
+    if jwt_enabled(settings):
+        missing = [name for name, value in (("FHIRQ_JWT_ISSUER", settings.jwt_issuer),
+                                            ("FHIRQ_JWT_AUDIENCE", settings.jwt_audience))
+                   if not value]
+        if missing:
+            raise ValueError(
+                f"JWT authentication (a JWKS is configured) also needs {' and '.join(missing)}"
+            )
+
+
+def authenticate(token: str, settings: Settings, engine: Engine) -> Principal:
+    """The principal of a bearer token: an API key (looked up in `engine`'s database) or a
+    JWT (when a JWKS is configured). Unauthorized, saying why, for anything else."""
+    if is_api_key(token):
+        with engine.connect() as conn:
+            key = verify_key(conn, token)
+        if key is None:
+            raise Unauthorized("The API key is unknown, revoked or malformed")
+        return Principal(key.owner, key.scopes, "api-key", key.id)
+    if not jwt_enabled(settings):
+        raise Unauthorized("The bearer token is not an API key (fhq_...), and this server "
+                           "accepts no JWTs (no JWKS configured)")
+    assert settings.jwt_issuer and settings.jwt_audience  # check_settings ran at startup
+    claims = verify_jwt(
+        token,
+        jwks_for(settings.jwks_url, settings.jwks_file),
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+    )
+    return Principal(claims.owner, claims.scopes, "jwt")
