@@ -1,9 +1,7 @@
-"""Talking to the product over HTTP (httpx), as a client would: async submission
-(`Prefer: respond-async` → 202 + Content-Location), job polling (`GET /jobs/<id>`, falling back
-to `HEAD` on the FHIR status URL), cancel, and synchronous bundles.
-
-A build whose API does not mount the job routes yet can still be measured: with `db_url` given,
-the job's row is read from PostgreSQL (the system of record the routes read too).
+"""Talking to the product over HTTP (httpx), as a client would, with a bearer API key: async
+submission (`Prefer: respond-async` → 202 + Content-Location), job polling (`GET /jobs/<id>`, or
+one `GET /jobs` page for many jobs), cancel (`DELETE` on the status URL), and synchronous
+bundles.
 """
 
 from __future__ import annotations
@@ -62,12 +60,11 @@ def _check(resp: httpx.Response, expected: int, what: str) -> None:
 class JobClient:
     """One asyncio httpx client for a benchmark's whole life."""
 
-    def __init__(self, origin: str, *, connections: int = 64, db_url: str | None = None) -> None:
+    def __init__(self, origin: str, token: str, *, connections: int = 64) -> None:
         self.origin = origin
-        self.db_url = db_url
-        self._mode: str | None = None  # "jobs" (GET /jobs/<id>), "status" (HEAD), "db"
         self.http = httpx.AsyncClient(
             base_url=origin,
+            headers={"Authorization": f"Bearer {token}"},
             timeout=httpx.Timeout(600, connect=10),
             limits=httpx.Limits(max_connections=connections,
                                 max_keepalive_connections=connections),
@@ -105,53 +102,15 @@ class JobClient:
 
     # ------------------------------------------------------------------ jobs
 
-    async def _detect(self, sub: Submitted) -> None:
-        """How this build reports jobs, found on the first poll of a fresh job."""
-        if (await self.http.get(f"/jobs/{sub.job_id}")).status_code == 200:
-            self._mode = "jobs"
-        elif (await self.http.head(sub.status_url)).status_code != 404:
-            self._mode = "status"
-        elif self.db_url is not None:
-            self._mode = "db"
-        else:
-            raise BenchClientError("the API serves neither /jobs/<id> nor the status URL")
-
     async def job(self, sub: Submitted) -> Job:
-        if self._mode is None:
-            await self._detect(sub)
-        if self._mode == "jobs":
-            resp = await self.http.get(f"/jobs/{sub.job_id}")
-            _check(resp, 200, f"GET /jobs/{sub.job_id}")
-            return _job(orjson.loads(resp.content))
-        if self._mode == "status":
-            # HEAD: the status without streaming the response Bundle.
-            resp = await self.http.head(sub.status_url)
-            state = {202: "running", 200: "completed", 404: "cancelled"}.get(
-                resp.status_code, "failed")
-            return Job(sub.job_id, state)
-        return await asyncio.to_thread(self._job_from_db, sub.job_id)
-
-    def _job_from_db(self, job_id: str) -> Job:
-        import psycopg2
-
-        assert self.db_url is not None
-        conn = psycopg2.connect(self.db_url)
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT state, total, done, failed, outcome FROM job WHERE id = %s",
-                            (job_id,))
-                row = cur.fetchone()
-        finally:
-            conn.close()
-        if row is None:
-            raise BenchClientError(f"job {job_id} is not in the database")
-        return Job(job_id, row[0], row[1], row[2], row[3], {"outcome": row[4]})
+        resp = await self.http.get(f"/jobs/{sub.job_id}")
+        _check(resp, 200, f"GET /jobs/{sub.job_id}")
+        return _job(orjson.loads(resp.content))
 
     async def jobs(self, subs: list[Submitted]) -> dict[str, Job]:
-        """The state of many jobs: one `GET /jobs` page when the JSON API exists."""
-        if self._mode is None and subs:
-            await self._detect(subs[0])
-        if self._mode == "jobs":
+        """The state of many jobs: one `GET /jobs` page (the client's own jobs, newest first),
+        or one request per job when they are not all on it."""
+        if len(subs) > 1:
             resp = await self.http.get("/jobs", params={"_count": 1000})
             _check(resp, 200, "GET /jobs")
             out = {b["id"]: _job(b) for b in orjson.loads(resp.content)["jobs"]}
@@ -188,16 +147,6 @@ class JobClient:
                 await asyncio.sleep(interval)
 
     async def cancel(self, sub: Submitted) -> None:
-        if self._mode == "db":
-            await asyncio.to_thread(self._cancel_in_db, sub.job_id)
-            return
         resp = await self.http.delete(sub.status_url)
         if resp.status_code not in (202, 404):
             raise BenchClientError(f"cancel {sub.job_id}: HTTP {resp.status_code}: {resp.text}")
-
-    def _cancel_in_db(self, job_id: str) -> None:
-        from core.jobs import cancel_job
-        from core.store.db import get_engine
-
-        with get_engine(self.db_url).begin() as conn:
-            cancel_job(conn, job_id, "anonymous")

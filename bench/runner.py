@@ -117,7 +117,7 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> list[Series
         console.print(f"API {stack.base_url} ({opts.stack.api_workers} × "
                       f"{opts.stack.api_threads} gthread), worker ×{stack.concurrency}; "
                       f"logs in {log_dir}")
-        client = JobClient(stack.origin, db_url=services.database_url)
+        client = JobClient(stack.origin, services.token)
         monitor = Monitor(stack.pids, services.database, database_url=services.database_url)
         exits.callback(monitor.close)
         bench = Bench(services, stack, client, monitor, sizes, console)

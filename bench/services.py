@@ -44,6 +44,7 @@ class Services:
     database: str
     broker_url: str  # Celery's spelling (redis:// or redis+socket://)
     origin: str  # where each came from, for the report: "FHIRQ_BENCH_*", "local", "embedded"
+    token: str  # an API key of owner "bench" with system/*.*: the client authenticates as any
 
 
 def database_url(server_url: str, database: str) -> str:
@@ -103,6 +104,19 @@ def drop_database(admin_url: str, database: str) -> None:
         conn.close()
 
 
+def _api_key(url: str) -> str:
+    """A key for the benchmark's client: requests pay for authentication as a real client's
+    would."""
+    from core.auth.api_keys import create_key
+    from core.store.db import get_engine
+
+    engine = get_engine(url)
+    with engine.begin() as conn:
+        token = create_key(conn, "bench", ["system/*.*"], name="fhirq bench").token
+    engine.dispose()
+    return token
+
+
 @contextlib.contextmanager
 def bench_services(database: str = DEFAULT_DATABASE, *, keep: bool = False
                    ) -> Iterator[Services]:
@@ -152,4 +166,4 @@ def bench_services(database: str = DEFAULT_DATABASE, *, keep: bool = False
             stack.callback(drop_database, admin, database)
         url = database_url(admin, database)
         upgrade(url)
-        yield Services(admin, url, database, broker, "; ".join(origins))
+        yield Services(admin, url, database, broker, "; ".join(origins), _api_key(url))
