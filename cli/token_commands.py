@@ -5,8 +5,9 @@
     fhirq token revoke 3f9c0a1b2c3d4e5f
 
 The database is FHIRQ_DATABASE_URL, or else the embedded PostgreSQL of a running `fhirq up`
-found through FHIRQ_DATA_DIR (default `.fhirq`). Keys take effect at once: the API looks each
-one up on every request.
+found through FHIRQ_DATA_DIR (default `.fhirq`). A new key works at once; a revoked one stops
+working within FHIRQ_API_KEY_CACHE_SECONDS (5 s), how long an API process trusts a key it has
+verified.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def list_(owner: str | None) -> None:
 @token.command("revoke")
 @click.argument("key_id")
 def revoke(key_id: str) -> None:
-    """Revoke key KEY_ID: requests with its token get 401 from now on."""
+    """Revoke key KEY_ID: requests with its token get 401 (within FHIRQ_API_KEY_CACHE_SECONDS)."""
     with _engine().begin() as conn:
         key = revoke_key(conn, key_id)
     if key is None:

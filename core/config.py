@@ -75,6 +75,12 @@ class Settings:
     auth: str = field(
         default_factory=lambda: _choice("FHIRQ_AUTH", ("required", "off"), "required")
     )
+    # A verified API key is trusted for this long in each API process, so that requests do not
+    # each pay a database round trip; revoking a key takes effect within it. 0: every request
+    # looks the key up.
+    api_key_cache_seconds: float = field(
+        default_factory=lambda: _float("FHIRQ_API_KEY_CACHE_SECONDS", 5)
+    )
     # JWT bearer tokens are accepted when a JWKS is configured (a URL, fetched and cached, or a
     # file); issuer and audience are then required too, so a token minted for another service
     # is never accepted here.

@@ -223,7 +223,7 @@ def test_api_key_is_stored_hashed_and_used_then_revoked_through_the_cli(
     assert listed.exit_code == 0 and key_id in listed.stdout and "nightly load" in listed.stdout
     assert token not in listed.stdout
 
-    client = client_for()
+    client = client_for(api_key_cache_seconds=0)
     created = client.post("/fhir/Patient", json=PATIENT, headers=bearer(token))
     assert created.status_code == 201, created.get_data(as_text=True)
     assert client.get("/fhir/Patient", headers=bearer(token)).status_code == 200
@@ -234,6 +234,19 @@ def test_api_key_is_stored_hashed_and_used_then_revoked_through_the_cli(
                      "invalid_token")
     assert runner.invoke(token_cli, ["list", "--owner", "etl"]).stdout.count(key_id) == 1
     assert runner.invoke(token_cli, ["revoke", "0000000000000000"]).exit_code != 0
+
+
+def test_a_verified_key_is_trusted_for_the_cache_time_then_looked_up_again(
+    client_for: Callable[..., Any], keys: Any, clean_db: Engine
+) -> None:
+    token = keys("etl", "system/*.read")
+    client = client_for(api_key_cache_seconds=0.5)
+    assert client.get("/jobs", headers=bearer(token)).status_code == 200
+    with clean_db.begin() as c:
+        assert api_keys.revoke_key(c, token.split("_")[1]) is not None
+    assert client.get("/jobs", headers=bearer(token)).status_code == 200  # still trusted
+    time.sleep(0.6)
+    assert client.get("/jobs", headers=bearer(token)).status_code == 401
 
 
 @pytest.mark.parametrize(

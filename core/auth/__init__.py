@@ -12,11 +12,12 @@ API keys and JWTs share one owner namespace: a key created for `etl` and a JWT w
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
-from core.auth.api_keys import is_api_key, verify_key
+from core.auth.api_keys import hash_token, is_api_key, verify_key
 from core.auth.jwt_tokens import jwks_for, verify_jwt
 from core.auth.scopes import Grant, Requirement, allows, parse_scopes
 from core.config import Settings
@@ -64,15 +65,39 @@ def check_settings(settings: Settings) -> None:
             )
 
 
+# Verified API keys: SHA-256 of the token → (monotonic expiry, principal). Only successes are
+# kept; dict operations are atomic, which is all the API's threads need.
+_verified: dict[str, tuple[float, Principal]] = {}
+_VERIFIED_MAX = 10_000
+
+
+def _api_key_principal(token: str, settings: Settings, engine: Engine) -> Principal:
+    ttl = settings.api_key_cache_seconds
+    digest = hash_token(token)
+    now = time.monotonic()
+    if ttl > 0:
+        hit = _verified.get(digest)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+    with engine.connect() as conn:
+        key = verify_key(conn, token)
+    if key is None:
+        _verified.pop(digest, None)
+        raise Unauthorized("The API key is unknown, revoked or malformed")
+    principal = Principal(key.owner, key.scopes, "api-key", key.id)
+    if ttl > 0:
+        if len(_verified) >= _VERIFIED_MAX:
+            _verified.clear()
+        _verified[digest] = (now + ttl, principal)
+    return principal
+
+
 def authenticate(token: str, settings: Settings, engine: Engine) -> Principal:
-    """The principal of a bearer token: an API key (looked up in `engine`'s database) or a
-    JWT (when a JWKS is configured). Unauthorized, saying why, for anything else."""
+    """The principal of a bearer token: an API key (looked up in `engine`'s database, then
+    trusted for FHIRQ_API_KEY_CACHE_SECONDS) or a JWT (when a JWKS is configured).
+    Unauthorized, saying why, for anything else."""
     if is_api_key(token):
-        with engine.connect() as conn:
-            key = verify_key(conn, token)
-        if key is None:
-            raise Unauthorized("The API key is unknown, revoked or malformed")
-        return Principal(key.owner, key.scopes, "api-key", key.id)
+        return _api_key_principal(token, settings, engine)
     if not jwt_enabled(settings):
         raise Unauthorized("The bearer token is not an API key (fhq_...), and this server "
                            "accepts no JWTs (no JWKS configured)")
