@@ -81,7 +81,8 @@ cleanup() {
 trap cleanup EXIT
 
 say "starting fhirq up on $base (data in $data)"
-env -u FHIRQ_DATABASE_URL -u FHIRQ_REDIS_URL -u FHIRQ_BASE_URL -u FHIRQ_DATA_DIR \
+# The README's default: embedded servers, loopback, no authentication.
+env -u FHIRQ_DATABASE_URL -u FHIRQ_REDIS_URL -u FHIRQ_BASE_URL -u FHIRQ_DATA_DIR -u FHIRQ_AUTH \
     "$FHIRQ" up --data-dir "$data" --port "$port" >"$log" 2>&1 &
 pid=$!
 
