@@ -70,9 +70,20 @@ class JobClient:
                                 max_keepalive_connections=connections),
             trust_env=False,
         )
+        self.retries = 0  # requests sent again on a fresh connection (see _request)
 
     async def close(self) -> None:
         await self.http.aclose()
+
+    async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One request, sent again once if it went out on a kept-alive connection that the
+        server closed meanwhile (gunicorn drops idle ones after 2 s; the request never reached
+        the application)."""
+        try:
+            return await self.http.request(method, url, **kwargs)
+        except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+            self.retries += 1
+            return await self.http.request(method, url, **kwargs)
 
     # ------------------------------------------------------------------ submission
 
@@ -81,7 +92,7 @@ class JobClient:
         prefer = "respond-async" + (f", return={prefer_return}" if prefer_return else "")
         headers = {"Content-Type": content_type, "Prefer": prefer}
         t0 = time.monotonic()
-        resp = await self.http.request(method, "/fhir", content=body, headers=headers)
+        resp = await self._request(method, "/fhir", content=body, headers=headers)
         elapsed = time.monotonic() - t0
         _check(resp, 202, f"async {method} /fhir")
         url = resp.headers.get("Content-Location", "")
@@ -93,9 +104,9 @@ class JobClient:
     async def transaction(self, body: bytes) -> float:
         """A synchronous transaction; returns its latency in seconds."""
         t0 = time.monotonic()
-        resp = await self.http.post("/fhir", content=body,
-                                    headers={"Content-Type": FHIR_JSON,
-                                             "Prefer": "return=minimal"})
+        resp = await self._request("POST", "/fhir", content=body,
+                                   headers={"Content-Type": FHIR_JSON,
+                                            "Prefer": "return=minimal"})
         elapsed = time.monotonic() - t0
         _check(resp, 200, "synchronous transaction")
         return elapsed
@@ -103,7 +114,7 @@ class JobClient:
     # ------------------------------------------------------------------ jobs
 
     async def job(self, sub: Submitted) -> Job:
-        resp = await self.http.get(f"/jobs/{sub.job_id}")
+        resp = await self._request("GET", f"/jobs/{sub.job_id}")
         _check(resp, 200, f"GET /jobs/{sub.job_id}")
         return _job(orjson.loads(resp.content))
 
@@ -111,7 +122,7 @@ class JobClient:
         """The state of many jobs: one `GET /jobs` page (the client's own jobs, newest first),
         or one request per job when they are not all on it."""
         if len(subs) > 1:
-            resp = await self.http.get("/jobs", params={"_count": 1000})
+            resp = await self._request("GET", "/jobs", params={"_count": 1000})
             _check(resp, 200, "GET /jobs")
             out = {b["id"]: _job(b) for b in orjson.loads(resp.content)["jobs"]}
             wanted = {s.job_id for s in subs}
@@ -147,6 +158,6 @@ class JobClient:
                 await asyncio.sleep(interval)
 
     async def cancel(self, sub: Submitted) -> None:
-        resp = await self.http.delete(sub.status_url)
+        resp = await self._request("DELETE", sub.status_url)
         if resp.status_code not in (202, 404):
             raise BenchClientError(f"cancel {sub.job_id}: HTTP {resp.status_code}: {resp.text}")

@@ -466,13 +466,16 @@ class Bench:
             self.reset_store()
             self.run_async(self._clients(bodies, z.w5_clients, 1))  # connections, warm caches
             self._begin(label)
+            retries = self.client.retries
             seconds, latencies = self.run_async(
                 self._clients(bodies, z.w5_clients, z.w5_per_client))
             usage = self._end(label)
+            retries = self.client.retries - retries
             entries = len(latencies) * z.w5_entries
             ms = [x * 1000 for x in latencies]
             run = Run(entries, seconds, entries / seconds, percentile(ms, 50), percentile(ms, 99),
-                      usage.as_json(), extra={"transactions_per_s": len(latencies) / seconds})
+                      usage.as_json(), extra={"transactions_per_s": len(latencies) / seconds,
+                                              "resent_on_closed_connection": retries})
             self.say(f"{label}: {len(latencies)} transactions in {seconds:.1f} s, "
                      f"p50 {run.p50_ms:.0f} ms, p99 {run.p99_ms:.0f} ms")
             self.pair(s, run, self.rows("W5", lambda: baseline.prepare_rows(
