@@ -119,8 +119,25 @@ def capability_statement(base_url: str, settings: Settings) -> dict[str, Any]:
                     "size as a job (FHIR asynchronous request pattern). PUT [base] with a JSON "
                     "array or NDJSON performs a batch upsert."
                 ),
-                "resource": resources,
+                "security": _security(settings),
+            "resource": resources,
                 "interaction": [{"code": "transaction"}, {"code": "batch"}],
             }
         ],
+    }
+
+
+def _security(settings: Settings) -> dict[str, Any]:
+    if settings.auth == "off":
+        return {"cors": False, "description": "Authentication is off (loopback only)."}
+    return {
+        "cors": False,
+        "service": [{"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+            "code": "SMART-on-FHIR",
+        }]}],
+        "description": (
+            "Bearer tokens on every route but health and metadata: fhirq API keys or JWTs "
+            "(RS256/ES256) with SMART system scopes, e.g. system/*.read, system/*.write."
+        ),
     }
