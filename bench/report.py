@@ -121,6 +121,18 @@ class Series:
         whole = sum(totals.values())
         return {k: v / whole for k, v in totals.items()} if whole else {}
 
+    def cpu_per_entry(self) -> dict[str, float]:
+        """CPU microseconds per entry by process group, over all runs: unlike rates, hardly
+        moved by what else the machine is doing."""
+        totals: dict[str, float] = {}
+        entries = sum(r.size for r in self.runs)
+        for r in self.runs:
+            for k, v in r.usage.get("cpu_s", {}).items():
+                totals[k] = totals.get(k, 0.0) + v
+        if not entries or not totals:
+            return {}
+        return {k: totals.get(k, 0.0) / entries * 1e6 for k in ("worker", "postgres", "api")}
+
     def pg_activity(self, n: int = 8) -> list[tuple[str, float]]:
         """What the database's sessions were busy with (sampled), as shares of all samples."""
         totals: dict[str, int] = {}
@@ -140,6 +152,7 @@ class Series:
             "p99_ms": self.median_of(lambda r: r.p99_ms),
             "rss_api_mb": self.rss("api"), "rss_worker_mb": self.rss("worker"),
             "cpu_share": self.cpu_share(),
+            "cpu_us_per_entry": self.cpu_per_entry(),
             "pg_activity": self.pg_activity(),
         }
         return out
@@ -184,6 +197,12 @@ EXTRA_COLUMNS = {
 
 CPU_GROUPS = ("worker", "postgres", "api", "bench client", "other processes", "idle")
 CPU_HEADER = "CPU % worker/pg/api/client/other/idle"
+PER_ENTRY_HEADER = "CPU µs/entry worker/pg/api"
+
+
+def _per_entry_text(s: Series) -> str:
+    per = s.cpu_per_entry()
+    return "/".join(f"{per[k]:.0f}" for k in ("worker", "postgres", "api")) if per else "–"
 
 
 def _cpu_text(s: Series) -> str:
@@ -227,6 +246,7 @@ def render_tables(series: list[Series], console: Console | None = None) -> None:
         for k in extras:
             table.add_column(EXTRA_COLUMNS[k][0], justify="right")
         table.add_column("peak RSS MB API / worker", justify="right")
+        table.add_column(PER_ENTRY_HEADER, justify="right")
         table.add_column(CPU_HEADER, justify="right")
         table.add_column("target")
         for s in group:
@@ -236,7 +256,8 @@ def render_tables(series: list[Series], console: Console | None = None) -> None:
                 row += [_ms(s.median_of(lambda r: r.p50_ms)),
                         _ms(s.median_of(lambda r: r.p99_ms))]
             row += [_n(s.extra(k), EXTRA_COLUMNS[k][1]) for k in extras]
-            row += [f"{_n(s.rss('api'))} / {_n(s.rss('worker'))}", _cpu_text(s),
+            row += [f"{_n(s.rss('api'))} / {_n(s.rss('worker'))}", _per_entry_text(s),
+                    _cpu_text(s),
                     f"{s.target} {_met(s)}" if s.target else ""]
             table.add_row(*row)
         console.print(table)
@@ -249,8 +270,8 @@ def render_markdown(series: list[Series]) -> str:
     """One summary table for the README."""
     lines = [
         "| workload | series | runs | rate median (min–max) | COPY rows/s | ratio | "
-        f"p50 / p99 ms | peak RSS MB API / worker | {CPU_HEADER} | target |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"p50 / p99 ms | peak RSS MB API / worker | {PER_ENTRY_HEADER} | {CPU_HEADER} | target |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for s in series:
         p50, p99 = s.median_of(lambda r: r.p50_ms), s.median_of(lambda r: r.p99_ms)
@@ -263,6 +284,6 @@ def render_markdown(series: list[Series]) -> str:
         lines.append(
             f"| {s.workload} | {label} | {len(s.runs)} | {rate} | {_n(s.baseline_median)} | "
             f"{_n(s.ratio, 2)} | {latency} | {_n(s.rss('api'))} / {_n(s.rss('worker'))} | "
-            f"{_cpu_text(s)} | {target} |"
+            f"{_per_entry_text(s)} | {_cpu_text(s)} | {target} |"
         )
     return "\n".join(lines) + "\n"

@@ -61,6 +61,8 @@ def test_w1_counts_every_entry_and_samples_both_process_trees(results: dict) -> 
     usage = run["usage"]
     assert usage["rss_mb"]["api"] > 20 and usage["rss_mb"]["worker"] > 20
     assert usage["cpu_s"]["worker"] > 0 and usage["cpu_s"]["postgres"] > 0
+    per_entry = w1["summary"]["cpu_us_per_entry"]
+    assert per_entry["worker"] > 0 and per_entry["postgres"] > 0
 
 
 def test_w5_reports_latency_percentiles(results: dict) -> None:
