@@ -21,7 +21,6 @@ from typing import Any
 import orjson
 import psycopg2
 
-from core.fhir.references import is_placeholder, rewrite_references
 from core.fhir.search_params import extract_index
 
 __all__ = ["CopyRows", "copy_rows", "prepare_rows", "resolve_placeholders", "time_copy"]
@@ -63,21 +62,34 @@ def _ts(value: datetime | None) -> str:
     return value.isoformat() if value is not None else "\\N"
 
 
+def _rewrite(node: Any, mapping: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _rewrite(v, mapping) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rewrite(v, mapping) for v in node]
+    if isinstance(node, str):
+        if node in mapping:
+            return mapping[node]
+        if node[:1].isupper() and "?" in node and "/" not in node.partition("?")[0]:
+            # A conditional reference (Synthea's `Practitioner?identifier=…`): the engine
+            # stores the id it resolves to; a made-up one indexes the same way.
+            return mapping.setdefault(node, f"{node.partition('?')[0]}/{uuid.uuid4()}")
+    return node
+
+
 def resolve_placeholders(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The resources of transaction entries with server-like ids given and every `urn:uuid`
-    reference rewritten to `Type/id`, as the engine stores them."""
-    resources: list[dict[str, Any]] = []
+    (and conditional) reference rewritten to `Type/id`, as the engine stores them."""
     mapping: dict[str, str] = {}
+    resources: list[dict[str, Any]] = []
     for entry in entries:
-        resource = orjson.loads(orjson.dumps(entry["resource"]))  # a private copy
+        resource = dict(entry["resource"])
         resource["id"] = str(uuid.uuid4())
         full_url = entry.get("fullUrl")
-        if full_url and is_placeholder(full_url):
+        if full_url and full_url.startswith(("urn:uuid:", "urn:oid:")):
             mapping[full_url] = f"{resource['resourceType']}/{resource['id']}"
         resources.append(resource)
-    for resource in resources:
-        rewrite_references(resource, mapping.get)
-    return resources
+    return [_rewrite(r, mapping) for r in resources]
 
 
 def prepare_rows(resources: Iterable[dict[str, Any]]) -> CopyRows:
