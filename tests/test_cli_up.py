@@ -69,14 +69,17 @@ def _up(data_dir: Path, port: int, log: Path) -> Iterator[subprocess.Popen[bytes
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], base: str, log: Path) -> None:
+    """Until /healthz answers and `fhirq up` has printed its banner (it prints it after its own
+    health check, which can come a moment after ours)."""
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"fhirq up exited early:\n{log.read_text()[-3000:]}"
         try:
-            if httpx.get(f"{base}/healthz", timeout=2, trust_env=False).status_code == 200:
-                return
+            healthy = httpx.get(f"{base}/healthz", timeout=2, trust_env=False).status_code == 200
         except httpx.HTTPError:
-            pass
+            healthy = False
+        if healthy and "fhirq is up" in log.read_text():
+            return
         time.sleep(0.2)
     pytest.fail(f"fhirq up not healthy in {START_TIMEOUT} s:\n{log.read_text()[-3000:]}")
 
