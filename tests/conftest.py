@@ -1,6 +1,6 @@
 """Shared fixtures: a real PostgreSQL database per test session, migrated to head.
 
-The server comes from FHIRQ_TEST_DATABASE_URL (default: the local server CI provides). A fresh
+The server comes from FHIRQ_TEST_DATABASE_URL (unset: an embedded server for the session). A fresh
 database `fhirq_test_<pid>` is created on it for the session and dropped afterwards, so parallel
 runs never share state.
 """
@@ -14,13 +14,12 @@ import psycopg2
 import pytest
 from sqlalchemy import Connection, Engine, create_engine, text
 
-ADMIN_URL = os.environ.get("FHIRQ_TEST_DATABASE_URL", "postgresql://root@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("FHIRQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+from tests.embedded_services import database_url, session_services
 
-
-def _with_db(url: str, name: str) -> str:
-    base, _, _ = url.rpartition("/")
-    return f"{base}/{name}"
+# FHIRQ_TEST_DATABASE_URL / FHIRQ_TEST_REDIS_URL when set, else embedded servers for this session.
+_SERVICES = session_services()
+ADMIN_URL = _SERVICES.admin_url
+REDIS_URL = _SERVICES.redis_url
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +30,7 @@ def db_url() -> Iterator[str]:
     with admin.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
         cur.execute(f'CREATE DATABASE "{name}"')
-    url = _with_db(ADMIN_URL, name)
+    url = database_url(ADMIN_URL, name)
     from core.store.migrate import upgrade
 
     upgrade(url)

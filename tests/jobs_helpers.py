@@ -23,6 +23,7 @@ import redis
 from sqlalchemy import Engine, text
 
 from tests.conftest import REDIS_URL
+from tests.embedded_services import redis_client_url
 
 __all__ = [
     "QUEUE",
@@ -68,7 +69,7 @@ def jobs_env(db_url: str) -> Iterator[dict[str, str]]:
     celery.conf.task_default_queue = QUEUE
     celery.conf.broker_url = REDIS_URL
     yield {**JOB_ENV, "FHIRQ_DATABASE_URL": db_url}
-    broker = redis.Redis.from_url(REDIS_URL)
+    broker = redis.Redis.from_url(redis_client_url(REDIS_URL))
     broker.delete(QUEUE, f"_kombu.binding.{QUEUE}", f"_kombu.binding_permanent.{QUEUE}")
     for k, v in saved.items():
         if v is None:
@@ -142,7 +143,7 @@ def session_worker(jobs_env: dict[str, str]) -> Iterator[WorkerProcess]:
 def quiesce(engine: Engine, timeout: float = 20) -> None:
     """Stop all job work of this session, so that the next test's TRUNCATE meets no task:
     drop queued messages, cancel active jobs, wait for running tasks to end."""
-    redis.Redis.from_url(REDIS_URL).delete(QUEUE)
+    redis.Redis.from_url(redis_client_url(REDIS_URL)).delete(QUEUE)
     with engine.begin() as c:
         c.execute(text("UPDATE job SET state = 'cancelled' "
                        "WHERE state IN ('accepted', 'running')"))

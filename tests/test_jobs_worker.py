@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 
 from tests.builders import patient, post, transaction, urn
 from tests.conftest import REDIS_URL
+from tests.embedded_services import redis_client_url
 from tests.jobs_helpers import *  # noqa: F403 - fixtures
 from tests.jobs_helpers import (
     QUEUE,
@@ -169,7 +170,7 @@ def test_lost_messages_are_reaped(api: Any, jobs_env: dict[str, str], worker: Wo
     """Redis flushed between accept and execution: the reaper re-dispatches the job."""
     worker.stop()
     job_id = job_id_of(submit(api, patients_batch(60, "lost")))
-    redis.Redis.from_url(REDIS_URL).delete(QUEUE)
+    redis.Redis.from_url(redis_client_url(REDIS_URL)).delete(QUEUE)
     worker.start()
     status = wait_job(api, job_id, timeout=60, worker=worker)
     assert status["counts"]["succeeded"] == 60

@@ -14,7 +14,8 @@ def alembic_config(url: str | None = None) -> Config:
     cfg = Config(str(_INI))
     cfg.set_main_option("script_location", str(_INI.parent / "migrations"))
     if url:
-        cfg.set_main_option("sqlalchemy.url", url)
+        # Alembic's config parser reads "%" as interpolation (percent-encoded passwords).
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 
 
