@@ -9,6 +9,7 @@ the same rows into tables with the same indexes) measured in the same run.
     monitor    peak RSS and CPU seconds of API, workers, PostgreSQL backends and the client
     baseline   the COPY baseline
     profile    py-spy profiles of the product's processes
+    inprocess  a worker's chunks run in one process, every second accounted for
     workloads  W1–W6
     report     results: statistics, tables, JSON, Markdown
     runner     all of it, for `fhirq bench`
