@@ -70,6 +70,18 @@ class Settings:
     )
     callback_attempts: int = field(default_factory=lambda: _int("FHIRQ_CALLBACK_ATTEMPTS", 5))
 
+    # Logs (core.logging): `json`, one object per line with the job id when known, for log
+    # shippers; `text` for people (`fhirq up` chooses it for its foreground output).
+    log_format: str = field(
+        default_factory=lambda: _choice("FHIRQ_LOG_FORMAT", ("json", "text"), "json")
+    )
+    # The API's level; a worker takes Celery's `--loglevel`.
+    log_level: str = field(
+        default_factory=lambda: _choice(
+            "FHIRQ_LOG_LEVEL", ("debug", "info", "warning", "error"), "info"
+        ).upper()
+    )
+
     # Authentication (core.auth, api.auth). `off` runs every request as owner "anonymous":
     # `fhirq up` chooses it on loopback only.
     auth: str = field(

@@ -156,6 +156,12 @@ job_entry = Table(
     PrimaryKeyConstraint("job_id", "idx"),
     Index("ix_job_entry_pending", "job_id", "idx", postgresql_where=text("status IS NULL")),
     Index("ix_job_entry_failed", "job_id", "idx", postgresql_where=text("status >= 400")),
+    # Entries finished lately, for the entries/s of /metrics (core.metrics).
+    Index(
+        "ix_job_entry_finished",
+        "finished_at",
+        postgresql_where=text("finished_at IS NOT NULL"),
+    ),
 )
 
 # Unlogged staging for a body being accepted: written by COPY and split into `job_entry` by SQL

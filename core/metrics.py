@@ -1,0 +1,175 @@
+"""Prometheus metrics computed at scrape time from PostgreSQL and Redis, so they are the same
+whichever API process answers the scrape and however many workers there are.
+
+All gauges:
+
+| metric | what |
+| --- | --- |
+| `fhirq_jobs{state}` | jobs by state |
+| `fhirq_job_entries{state}` | entries `succeeded`, `failed` (all jobs), `pending` (active jobs) |
+| `fhirq_entries_per_second` | entries finished per second over the last minute |
+| `fhirq_job_oldest_active_seconds` | age of the oldest accepted or running job |
+| `fhirq_queue_depth{queue}` | Celery tasks waiting in the Redis queue |
+| `fhirq_queue_unacked` | tasks handed to workers and not yet acknowledged |
+| `fhirq_metrics_source_up{source}` | 1 if `postgresql` / `redis` answered this scrape |
+
+Each scrape costs a few milliseconds: one aggregate over `job` (a row per job, not per entry),
+and at most `RATE_SAMPLE` index entries of `ix_job_entry_finished`; Redis answers with list
+lengths. A source that fails is reported by `fhirq_metrics_source_up` and leaves its metrics out,
+never the whole scrape.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+
+import redis
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine, text
+
+from core.config import Settings
+from core.jobs.model import ACTIVE, TERMINAL
+
+__all__ = ["RATE_SAMPLE", "RATE_WINDOW", "JobsCollector", "queue_keys", "redis_client"]
+
+log = logging.getLogger(__name__)
+
+STATES = (*ACTIVE, *TERMINAL)
+RATE_WINDOW = 60  # seconds
+# The rate counts at most this many of the latest entries: past it (above ~170 entries/s) the
+# window shrinks to the time they took, so the cost of a scrape stays flat whatever the load.
+RATE_SAMPLE = 10_000
+TIMEOUT_MS = 2000
+
+_JOBS = """
+SELECT state, count(*) AS jobs, sum(succeeded) AS succeeded, sum(failed) AS failed,
+       sum(total - done) AS pending,
+       extract(epoch FROM now() - min(created_at)) AS oldest
+FROM job GROUP BY state
+"""
+
+# Backward over ix_job_entry_finished from now: `finished_at > …` implies the partial index's
+# `finished_at IS NOT NULL`.
+_RECENT = """
+SELECT count(*) AS n, extract(epoch FROM now() - min(finished_at)) AS span
+FROM (SELECT finished_at FROM job_entry
+      WHERE finished_at > now() - make_interval(secs => :window)
+      ORDER BY finished_at DESC LIMIT :sample) recent
+"""
+
+# kombu's Redis transport keeps a queue's messages of priority p > 0 in `queue\x06\x16p`.
+_PRIORITY_SEP = "\x06\x16"
+_PRIORITY_STEPS = (3, 6, 9)
+_UNACKED = "unacked"
+
+
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists holding the messages of a Celery queue."""
+    return [queue] + [f"{queue}{_PRIORITY_SEP}{p}" for p in _PRIORITY_STEPS]
+
+
+@lru_cache(maxsize=4)
+def redis_client(broker_url: str) -> redis.Redis:
+    """A client of the broker. redis-py spells kombu's `redis+socket://PATH` `unix://PATH`."""
+    url = broker_url
+    for prefix in ("redis+socket://", "socket://"):
+        if url.startswith(prefix):
+            url = "unix://" + url[len(prefix):]
+    return redis.Redis.from_url(url, socket_timeout=TIMEOUT_MS / 1000,
+                                socket_connect_timeout=TIMEOUT_MS / 1000)
+
+
+class JobsCollector(Collector):
+    """Jobs, entries, throughput and the task queue, read at each scrape."""
+
+    def __init__(self, settings: Settings, engine: Callable[[], Engine]) -> None:
+        self.settings = settings
+        self.engine = engine
+
+    def describe(self) -> list[Metric]:
+        # Declared without values, so registering the collector does not query anything.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("fhirq_metrics_source_up",
+                               "1 if the source answered this scrape, else 0", labels=["source"])
+        try:
+            yield from self._from_postgres()
+            up.add_metric(["postgresql"], 1)
+        except Exception:  # noqa: BLE001 - any failure: report the source down, keep scraping
+            log.warning("metrics: PostgreSQL did not answer", exc_info=True)
+            up.add_metric(["postgresql"], 0)
+        try:
+            yield from self._from_redis()
+            up.add_metric(["redis"], 1)
+        except Exception:  # noqa: BLE001
+            log.warning("metrics: Redis did not answer", exc_info=True)
+            up.add_metric(["redis"], 0)
+        yield up
+
+    def _from_postgres(self) -> list[Metric]:
+        # Read everything first: a failure halfway must not yield half the families.
+        with self.engine().begin() as conn:
+            conn.execute(text(f"SET LOCAL statement_timeout = {TIMEOUT_MS}"))
+            rows = {r.state: r for r in conn.execute(text(_JOBS))}
+            recent = conn.execute(
+                text(_RECENT), {"window": RATE_WINDOW, "sample": RATE_SAMPLE}
+            ).one()
+
+        jobs = GaugeMetricFamily("fhirq_jobs", "Jobs by state", labels=["state"])
+        for state in STATES:
+            jobs.add_metric([state], rows[state].jobs if state in rows else 0)
+
+        entries = GaugeMetricFamily(
+            "fhirq_job_entries",
+            "Entries of all jobs that succeeded or failed, and entries of active jobs pending",
+            labels=["state"],
+        )
+        for label in ("succeeded", "failed"):
+            entries.add_metric([label], sum(getattr(r, label) or 0 for r in rows.values()))
+        entries.add_metric(["pending"], sum(rows[s].pending or 0 for s in ACTIVE if s in rows))
+
+        oldest = [float(rows[s].oldest) for s in ACTIVE if s in rows]
+        age = GaugeMetricFamily(
+            "fhirq_job_oldest_active_seconds",
+            "Age of the oldest accepted or running job (0 when there is none)",
+            value=max(oldest, default=0.0),
+        )
+
+        rate = GaugeMetricFamily(
+            "fhirq_entries_per_second",
+            f"Entries finished per second over the last {RATE_WINDOW} s (over the latest "
+            f"{RATE_SAMPLE} entries when more finished in that time)",
+            value=_rate(recent.n, recent.span),
+        )
+        return [jobs, entries, rate, age]
+
+    def _from_redis(self) -> list[Metric]:
+        queue = self.settings.queue
+        client = redis_client(self.settings.redis_url or "redis://127.0.0.1:6379/0")
+        with client.pipeline(transaction=False) as pipe:
+            for key in queue_keys(queue):
+                pipe.llen(key)
+            pipe.hlen(_UNACKED)
+            *lengths, unacked = pipe.execute()
+        depth = GaugeMetricFamily("fhirq_queue_depth",
+                                  "Celery tasks waiting in the queue", labels=["queue"])
+        depth.add_metric([queue], sum(lengths))
+        return [
+            depth,
+            GaugeMetricFamily(
+                "fhirq_queue_unacked",
+                "Tasks handed to workers and not yet acknowledged (running or reserved)",
+                value=unacked,
+            ),
+        ]
+
+
+def _rate(n: int, span: float | None) -> float:
+    """Entries per second from the latest `n` entries, the oldest `span` seconds old."""
+    if n < RATE_SAMPLE or not span:
+        return n / RATE_WINDOW
+    return n / max(float(span), 1.0)
