@@ -7,17 +7,21 @@ from __future__ import annotations
 from flask import Flask
 
 from core.config import Settings, get_settings
+from core.logging import configure_logging
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["FHIRQ"] = settings or get_settings()
+    configure_logging(app.config["FHIRQ"].log_format, app.config["FHIRQ"].log_level)
 
-    from api import auth, errors, fhir, health, jobs
+    from api import auth, errors, fhir, health, jobs, metrics, ui
 
     errors.register(app)
     auth.register(app)  # first of the before_request hooks: everything after knows g.owner
     app.register_blueprint(health.bp)
     app.register_blueprint(fhir.bp)
     jobs.register(app)
+    metrics.register(app)  # /metrics, request latency and access log, job id in log context
+    app.register_blueprint(ui.bp)
     return app

@@ -6,8 +6,9 @@ A `before_request` hook reads `Authorization: Bearer <token>` (an API key or a J
 every request runs as owner `anonymous` with every scope.
 
 Open without a token: GET / HEAD of `/healthz`, `/readyz`, `/metrics` (probes and scrapers
-carry no tokens) and `/fhir/metadata` (SMART makes the CapabilityStatement public so clients
-can discover how to authenticate); CORS preflights (`OPTIONS`).
+carry no tokens), `/fhir/metadata` (SMART makes the CapabilityStatement public so clients
+can discover how to authenticate) and `/ui` (a static page: its own requests carry the token);
+CORS preflights (`OPTIONS`).
 
 What a route needs (SMART v2 letters; v1 `read` = `rs`, `write` = `cud`):
 
@@ -48,7 +49,7 @@ __all__ = ["OPEN_PATHS", "register", "requirement"]
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/fhir/metadata"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/fhir/metadata", "/ui"})
 REALM = "fhirq"
 
 _R = Requirement.of
