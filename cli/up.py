@@ -231,6 +231,8 @@ def _start(
         PYTHONUNBUFFERED="1",
     )
     env.setdefault("FHIRQ_BASE_URL", base_url)
+    # A person reads this terminal: readable lines, unless FHIRQ_LOG_FORMAT says otherwise.
+    env.setdefault("FHIRQ_LOG_FORMAT", "text")
 
     # gunicorn >= 27 opens a control socket at one fixed path per user; two `fhirq up` runs (or a
     # test session beside a developer's) would take it from each other.

@@ -9,9 +9,13 @@ whose messages were lost altogether.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
+from celery.signals import setup_logging
 
 from core.config import get_settings
+from core.logging import configure_logging
 
 settings = get_settings()
 jobs = get_settings()
@@ -43,3 +47,10 @@ celery.conf.update(
         },
     },
 )
+
+
+@setup_logging.connect
+def _logging(loglevel: int | None = None, **_: Any) -> None:
+    """Worker and beat log like the API (FHIRQ_LOG_FORMAT) instead of in Celery's own format;
+    a receiver here tells Celery to leave logging alone."""
+    configure_logging(level=loglevel or "INFO")

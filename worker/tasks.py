@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from celery import Task
+from celery.signals import task_postrun, task_prerun
 from sqlalchemy import Connection
 
 from core.config import get_settings
@@ -28,6 +29,7 @@ from core.jobs import (
     run_transaction_job,
 )
 from core.jobs.callback import deliver
+from core.logging import bind, reset
 from core.store.db import get_engine
 from worker.celery_app import celery
 
@@ -92,6 +94,23 @@ def callback(self: Task, job_id: str) -> None:
 
 
 _TASKS = {"chunk": chunk, "transaction": transaction, "callback": callback}
+# Tasks whose first argument is a job id.
+_JOB_TASKS = frozenset(t.name for t in _TASKS.values())
+
+
+@task_prerun.connect
+def _bind_log_context(task_id: str, task: Task, args: Sequence[Any] = (), **_: Any) -> None:
+    """Every record a task logs, Celery's own "succeeded in 0.4s" included (it comes before
+    task_postrun), carries the job id."""
+    job_id = args[0] if task.name in _JOB_TASKS and args else None
+    task.request.log_token = bind(job_id=job_id, task=task.name, task_id=task_id)
+
+
+@task_postrun.connect
+def _reset_log_context(task: Task, **_: Any) -> None:
+    token = getattr(task.request, "log_token", None)
+    if token is not None:
+        reset(token)
 
 
 def enqueue(dispatches: Iterable[Dispatch]) -> None:
