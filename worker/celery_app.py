@@ -9,16 +9,16 @@ whose messages were lost altogether.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging
+from celery.signals import setup_logging, worker_init, worker_process_init
 
 from core.config import get_settings
 from core.logging import configure_logging
 
-settings = get_settings()
-jobs = get_settings()
+settings = jobs = get_settings()
 
 celery = Celery(
     "fhirq",
@@ -54,3 +54,32 @@ def _logging(loglevel: int | None = None, **_: Any) -> None:
     """Worker and beat log like the API (FHIRQ_LOG_FORMAT) instead of in Celery's own format;
     a receiver here tells Celery to leave logging alone."""
     configure_logging(level=loglevel or "INFO")
+
+
+# Validators of these types are compiled before forking (~0.4 s, ~30 MB shared); others are
+# compiled on first use in each child (all 146 up front would cost ~230 MB).
+COMMON_TYPES = (
+    "Patient", "Practitioner", "PractitionerRole", "Organization", "Location", "Encounter",
+    "Observation", "Condition", "Procedure", "MedicationRequest", "Medication",
+    "MedicationAdministration", "Immunization", "DiagnosticReport", "DocumentReference",
+    "Claim", "ExplanationOfBenefit", "CarePlan", "CareTeam", "AllergyIntolerance", "Device",
+    "ImagingStudy", "Provenance", "SupplyDelivery", "Goal", "Schedule", "Slot", "Appointment",
+)
+
+
+@worker_init.connect
+def _warm(**_: Any) -> None:
+    """In the worker's main process, before the pool forks: compile the FHIR validators once so
+    every child shares them, and move everything loaded so far out of the garbage collector's
+    reach. A worker's heap is large and long-lived; without this, collections were ~13% of a
+    chunk's time (bench.inprocess), with it ~2%."""
+    from core.fhir.validation import preload_validators
+
+    preload_validators(COMMON_TYPES)
+    gc.freeze()
+
+
+@worker_process_init.connect
+def _freeze_child(**_: Any) -> None:
+    gc.freeze()
+
