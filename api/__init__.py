@@ -7,13 +7,11 @@ from __future__ import annotations
 from flask import Flask
 
 from core.config import Settings, get_settings
-from core.logging import configure_logging
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["FHIRQ"] = settings or get_settings()
-    configure_logging(app.config["FHIRQ"].log_format, app.config["FHIRQ"].log_level)
 
     from api import auth, errors, fhir, health, jobs, metrics, ui
 

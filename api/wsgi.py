@@ -1,5 +1,8 @@
-"""WSGI entry point for gunicorn: `gunicorn api.wsgi:app`."""
+"""WSGI entry point for gunicorn: `gunicorn api.wsgi:app`. The API process starts here, so its
+logging is configured here (FHIRQ_LOG_FORMAT lines on stderr), before the app logs anything."""
 
 from api import create_app
+from core.logging import configure_logging
 
+configure_logging()
 app = create_app()

@@ -199,7 +199,7 @@ def gunicorn(jobs_env: dict[str, str], clean_db: Engine) -> Iterator[dict[str, A
     env = {**os.environ, **jobs_env, "PROMETHEUS_MULTIPROC_DIR": prom_dir,
            "FHIRQ_LOG_FORMAT": "json"}
     argv = [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "-w", "2",
-            "tests.jobs_helpers:jobs_app()"]
+            "api.wsgi:app"]
     with open(stderr, "wb") as err:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
                                 start_new_session=True)
