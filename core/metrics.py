@@ -162,7 +162,8 @@ class JobsCollector(Collector):
             depth,
             GaugeMetricFamily(
                 "fhirq_queue_unacked",
-                "Tasks handed to workers and not yet acknowledged (running or reserved)",
+                "Tasks handed to workers and not yet acknowledged (running or reserved), "
+                "over every queue of the broker's Redis database",
                 value=unacked,
             ),
         ]
