@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import ipaddress
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -233,6 +234,13 @@ def _start(
     env.setdefault("FHIRQ_BASE_URL", base_url)
     # A person reads this terminal: readable lines, unless FHIRQ_LOG_FORMAT says otherwise.
     env.setdefault("FHIRQ_LOG_FORMAT", "text")
+    if "PROMETHEUS_MULTIPROC_DIR" not in env:
+        # Several API processes: their latency histograms are summed through files here,
+        # emptied at every start (stale files from a previous run would add old counts).
+        metrics_dir = data_dir / "prometheus"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
 
     # gunicorn >= 27 opens a control socket at one fixed path per user; two `fhirq up` runs (or a
     # test session beside a developer's) would take it from each other.

@@ -37,6 +37,7 @@ from core.fhir.engine import execute_batch, execute_transaction
 from core.fhir.model import Context, EntryResult
 from core.fhir.outcome import from_error, internal_error
 from core.jobs.model import ACTIVE, Dispatch
+from core.logging import bind
 
 __all__ = ["JobCancelled", "run_chunk", "run_transaction_job"]
 
@@ -85,8 +86,8 @@ _COUNT = """
 UPDATE job SET
     done = done + :n, succeeded = succeeded + :ok, failed = failed + :bad,
     state = CASE WHEN done + :n >= total THEN 'completed' ELSE 'running' END,
-    started_at = coalesce(started_at, :t0),
-    finished_at = CASE WHEN done + :n >= total THEN now() ELSE finished_at END,
+    started_at = least(started_at, :t0),
+    finished_at = CASE WHEN done + :n >= total THEN clock_timestamp() ELSE finished_at END,
     updated_at = now()
 WHERE id = :id AND state IN ('accepted', 'running')
 RETURNING state, gen
@@ -102,6 +103,7 @@ def run_chunk(conn: Connection, job_id: str, gen: int) -> list[Dispatch]:
     rows = conn.execute(text(_CLAIM), {"id": job_id, "n": job["chunk_size"]}).all()
     if not rows:
         return []
+    bind(chunk=rows[0].idx, entries=len(rows))  # the task's end clears the log context
     ctx = Context(base_url=job["base_url"], prefer_return=job["prefer_return"],
                   owner=job["owner"])
     results = _run_batch(conn, job["kind"], rows, ctx)
@@ -199,7 +201,8 @@ def _fail_transaction(conn: Connection, job_id: str, err: FhirError | None, t0: 
             """
             UPDATE job SET state = 'failed', outcome = CAST(:outcome AS jsonb),
                 outcome_status = :status, done = :n, failed = :n,
-                started_at = coalesce(started_at, :t0), finished_at = now(), updated_at = now()
+                started_at = least(started_at, :t0), finished_at = clock_timestamp(),
+                updated_at = now()
             WHERE id = :id AND state IN ('accepted', 'running')
             RETURNING id
             """
