@@ -10,7 +10,7 @@ form has no depth to exhaust the Python stack.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,23 +82,18 @@ def rewrite_references(scan: ReferenceScan, mapping: Mapping[str, str]) -> dict[
         return None
     changed = False
 
-    def in_reference(m: re.Match[bytes]) -> bytes:
-        nonlocal changed
-        new = mapping.get(_decode(m.group(1)))
-        if new is None:
-            return m.group(0)
-        changed = True
-        return b'"reference":' + orjson.dumps(new)
+    def replacer(prefix: bytes) -> Callable[[re.Match[bytes]], bytes]:
+        def replace(m: re.Match[bytes]) -> bytes:
+            nonlocal changed
+            new = mapping.get(_decode(m.group(1)))
+            if new is None:
+                return m.group(0)
+            changed = True
+            return prefix + orjson.dumps(new)
 
-    def anywhere(m: re.Match[bytes]) -> bytes:
-        nonlocal changed
-        new = mapping.get(_decode(m.group(1)))
-        if new is None:
-            return m.group(0)
-        changed = True
-        return orjson.dumps(new)
+        return replace
 
-    data = _REFERENCE.sub(in_reference, scan.json) if scan.references else scan.json
+    data = _REFERENCE.sub(replacer(b'"reference":'), scan.json) if scan.references else scan.json
     if b'"urn:' in data:
-        data = _PLACEHOLDER.sub(anywhere, data)
+        data = _PLACEHOLDER.sub(replacer(b""), data)
     return orjson.loads(data) if changed else None
