@@ -366,7 +366,7 @@ def test_a_real_workers_log_lines_are_json_with_the_job_id(api: Any, worker: Wor
         return "\n".join(line for line in worker.log.read_text(errors="replace").splitlines()
                          if job_id in line) or worker.tail()
 
-    found = wait_for(of_job, 20, "the worker's log lines of the job", on_timeout=mentions)
+    found = wait_for(of_job, 60, "the worker's log lines of the job", on_timeout=mentions)
     for r in found:
         assert {"time", "level", "logger", "message", "job_id", "pid"} <= r.keys()
     chunks = [r for r in found if r["logger"] == "celery.app.trace"]

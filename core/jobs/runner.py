@@ -309,6 +309,9 @@ def write_results(conn: Connection, job_id: str, results: Sequence[EntryResult],
     if not results:
         return
     wants_resource = kind == "upsert" or prefer_return == "representation"
+    # A success's informational outcome ("Created") is only part of the answer under
+    # Prefer: return=OperationOutcome; not storing it otherwise saves a JSONB per entry.
+    wants_outcome = prefer_return == "OperationOutcome"
     cols: dict[str, list[Any]] = {k: [] for k in (
         "idx", "status", "location", "etag", "last_modified", "outcome",
         "res_type", "res_id", "res_version", "resource",
@@ -331,7 +334,8 @@ def write_results(conn: Connection, job_id: str, results: Sequence[EntryResult],
         cols["location"].append(r.location)
         cols["etag"].append(r.etag)
         cols["last_modified"].append(r.last_modified)
-        cols["outcome"].append(orjson.dumps(r.outcome).decode() if r.outcome else None)
+        outcome = r.outcome if (not r.ok or wants_outcome) else None
+        cols["outcome"].append(orjson.dumps(outcome).decode() if outcome else None)
         cols["res_type"].append(ref[0] if ref else None)
         cols["res_id"].append(ref[1] if ref else None)
         cols["res_version"].append(ref[2] if ref else None)
