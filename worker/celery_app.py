@@ -83,3 +83,21 @@ def _warm(**_: Any) -> None:
 def _freeze_child(**_: Any) -> None:
     gc.freeze()
 
+
+
+def _weekly_slots() -> dict[str, Any]:
+    """Slot generation (core.jobs.slots) on Mondays at 00:05 in FHIRQ_SLOT_TIMEZONE: crontab
+    fields are read in the schedule's `tz`, which is the app's (UTC) unless set here."""
+    from zoneinfo import ZoneInfo
+
+    from celery.schedules import crontab
+
+    from core.jobs.slots import SlotSettings
+
+    monday = crontab(minute=5, hour=0, day_of_week="mon")
+    monday.tz = ZoneInfo(SlotSettings().timezone)
+    # A run that waited a day for a worker is still wanted; a week-old one is superseded.
+    return {"task": "fhirq.slots", "schedule": monday, "options": {"expires": 6 * 24 * 3600}}
+
+
+celery.conf.beat_schedule["fhirq-weekly-slots"] = _weekly_slots()

@@ -132,3 +132,15 @@ def enqueue_safely(dispatches: Sequence[Dispatch]) -> bool:
         log.exception("could not enqueue %d task(s); the reaper will send them", len(dispatches))
         return False
     return True
+
+
+@celery.task(base=JobTask, name="fhirq.slots")
+def slots(conn: Connection) -> list[Dispatch]:
+    """Weekly Slot generation (core.jobs.slots): submits a batch job of `fhirq-scheduler`."""
+    from core.jobs.slots import submit_slot_job
+
+    cfg = get_settings()
+    run = submit_slot_job(conn, base_url=cfg.base_url or "", chunk_size=cfg.chunk_size,
+                          inflight_chunks=cfg.inflight_chunks)
+    log.info("slot generation: %s", run.summary())
+    return run.accepted.dispatches if run.accepted else []
