@@ -18,7 +18,7 @@ __all__ = ["EXTENSIONS", "cli", "main"]
 
 # Modules that add subcommands (jobs: submit/status/results/jobs; token: API keys; bench).
 # Each exposes `register(group: click.Group) -> None`; one not written yet is skipped.
-EXTENSIONS = ("cli.jobs_commands", "cli.token_commands", "cli.bench_commands")
+EXTENSIONS = ("cli.jobs_commands", "cli.token_commands", "cli.bench_commands", "cli.slots_commands")
 
 _PASSTHROUGH = {"ignore_unknown_options": True, "allow_interspersed_args": False}
 

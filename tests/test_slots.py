@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import orjson
 import pytest
 from sqlalchemy import Connection, Engine, text
 
@@ -300,3 +301,21 @@ def test_beat_task_runs_a_job_on_a_worker(worker: WorkerProcess, clean_db: Engin
     wait_for(lambda: runs() == before + 2, 30, "the second run", on_timeout=worker.tail)
     assert job_done()[0] == 1  # nothing to write: no second job
     assert scalar(clean_db, "SELECT count(*) FROM resource_history WHERE res_type = 'Slot'") == 28
+
+
+def test_cli_dry_run_writes_nothing(clean_db: Engine) -> None:
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    with clean_db.begin() as c:
+        _clinic(c)
+        _store(c, {"resourceType": "PractitionerRole", "id": "r1",
+                   "practitioner": {"reference": "Practitioner/p1"},
+                   "availableTime": [_hours("00:00:00", "01:00:00")]})
+    result = CliRunner().invoke(cli, ["slots", "generate", "--weeks", "2", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    summary = orjson.loads(result.output)
+    assert (summary["generated"], summary["submitted"], summary["job"]) == (28, 28, None)
+    assert scalar(clean_db, "SELECT count(*) FROM resource WHERE res_type = 'Slot'") == 0
+    assert scalar(clean_db, "SELECT count(*) FROM job") == 0
