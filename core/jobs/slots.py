@@ -38,7 +38,7 @@ from __future__ import annotations
 import io
 import os
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -371,7 +371,3 @@ def submit_slot_job(
     run.job_id = run.accepted.job_id
     return run
 
-
-def entries_of(run: SlotRun) -> Iterable[tuple[int, dict[str, Any]]]:
-    """(index, entry) pairs for core.fhir.engine.execute_batch, to write without a job."""
-    return list(enumerate(run.entries))
