@@ -49,6 +49,12 @@ class Settings:
     search_default_count: int = field(default_factory=lambda: _int("FHIRQ_SEARCH_COUNT", 50))
     search_max_count: int = field(default_factory=lambda: _int("FHIRQ_SEARCH_MAX_COUNT", 1000))
 
+    # Weekly Slot generation (core.jobs.slots).
+    slot_minutes: int = field(default_factory=lambda: _int("FHIRQ_SLOT_MINUTES", 30))
+    slot_weeks: int = field(default_factory=lambda: _int("FHIRQ_SLOT_WEEKS", 1))
+    slot_timezone: str = field(
+        default_factory=lambda: os.environ.get("FHIRQ_SLOT_TIMEZONE") or "UTC"
+    )
     # Async jobs and their workers.
     # Chunk tasks of one job in the queue or running at once. The queue is FIFO, so a job
     # submitted later waits behind at most this many chunks of each earlier job (fairness).

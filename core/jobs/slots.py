@@ -36,7 +36,6 @@ Not done: free Slots that availability no longer covers are not removed.
 from __future__ import annotations
 
 import io
-import os
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from zoneinfo import ZoneInfo
 import orjson
 from sqlalchemy import Connection, and_, select
 
+from core.config import get_settings
 from core.fhir.model import format_instant
 from core.jobs.intake import Accepted, Submission, accept_job
 from core.store import repository as repo
@@ -73,23 +73,17 @@ _NAMESPACE = uuid.UUID("6f1c4f0e-3a52-5d43-9a0e-5c2b8f0d7a11")
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
-def _int_env(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    value = int(raw) if raw not in (None, "") else default
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, not {value}")
-    return value
-
-
 @dataclass(frozen=True)
 class SlotSettings:
-    """FHIRQ_SLOT_* settings (kept here until core.config grows them)."""
+    """The FHIRQ_SLOT_* settings (read in core.config), overridable one by one in tests."""
 
-    minutes: int = field(default_factory=lambda: _int_env("FHIRQ_SLOT_MINUTES", 30))
-    weeks: int = field(default_factory=lambda: _int_env("FHIRQ_SLOT_WEEKS", 1))
-    timezone: str = field(
-        default_factory=lambda: os.environ.get("FHIRQ_SLOT_TIMEZONE") or "UTC"
-    )
+    minutes: int = field(default_factory=lambda: get_settings().slot_minutes)
+    weeks: int = field(default_factory=lambda: get_settings().slot_weeks)
+    timezone: str = field(default_factory=lambda: get_settings().slot_timezone)
+
+    def __post_init__(self) -> None:
+        if self.minutes < 1 or self.weeks < 1:
+            raise ValueError("FHIRQ_SLOT_MINUTES and FHIRQ_SLOT_WEEKS must be at least 1")
 
     @property
     def zone(self) -> ZoneInfo:
