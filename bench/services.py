@@ -17,10 +17,11 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 from psycopg2 import sql
+
+from core.services import database_url, redis_client_url
 
 __all__ = [
     "DEFAULT_DATABASE",
@@ -45,19 +46,6 @@ class Services:
     broker_url: str  # Celery's spelling (redis:// or redis+socket://)
     origin: str  # where each came from, for the report: "FHIRQ_BENCH_*", "local", "embedded"
     token: str  # an API key of owner "bench" with system/*.*: the client authenticates as any
-
-
-def database_url(server_url: str, database: str) -> str:
-    """`server_url` naming `database` instead; query options (the embedded server's socket
-    directory) kept verbatim."""
-    parts = urlsplit(server_url)
-    return urlunsplit(parts._replace(path=f"/{database}"))
-
-
-def redis_client_url(broker_url: str) -> str:
-    """redis-py spells kombu's `redis+socket://PATH` as `unix://PATH`."""
-    prefix = "redis+socket://"
-    return "unix://" + broker_url[len(prefix):] if broker_url.startswith(prefix) else broker_url
 
 
 def _postgres_answers(url: str) -> bool:

@@ -32,6 +32,7 @@ from sqlalchemy import Engine, text
 
 from core.config import Settings
 from core.jobs.model import ACTIVE, TERMINAL
+from core.services import redis_client_url
 
 __all__ = ["RATE_SAMPLE", "RATE_WINDOW", "JobsCollector", "queue_keys", "redis_client"]
 
@@ -73,12 +74,8 @@ def queue_keys(queue: str) -> list[str]:
 
 @lru_cache(maxsize=4)
 def redis_client(broker_url: str) -> redis.Redis:
-    """A client of the broker. redis-py spells kombu's `redis+socket://PATH` `unix://PATH`."""
-    url = broker_url
-    for prefix in ("redis+socket://", "socket://"):
-        if url.startswith(prefix):
-            url = "unix://" + url[len(prefix):]
-    return redis.Redis.from_url(url, socket_timeout=TIMEOUT_MS / 1000,
+    """A client of the broker (whichever way Celery's URL spells it)."""
+    return redis.Redis.from_url(redis_client_url(broker_url), socket_timeout=TIMEOUT_MS / 1000,
                                 socket_connect_timeout=TIMEOUT_MS / 1000)
 
 

@@ -14,7 +14,8 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+
+from core.services import database_url, redis_client_url
 
 __all__ = ["SessionServices", "database_url", "redis_client_url", "session_services"]
 
@@ -47,15 +48,3 @@ def session_services() -> SessionServices:
     return SessionServices(admin, broker, embedded=True)
 
 
-def database_url(server_url: str, database: str) -> str:
-    """`server_url` pointing at `database` instead, query options kept verbatim (re-encoding
-    them would put "%" in the URL, which Alembic's config parser rejects)."""
-    parts = urlsplit(server_url)
-    return urlunsplit(parts._replace(path=f"/{database}"))
-
-
-def redis_client_url(broker_url: str) -> str:
-    """The broker URL in the form redis-py's `Redis.from_url` reads (it does not know kombu's
-    `redis+socket://PATH`; its own spelling is `unix://PATH`)."""
-    prefix = "redis+socket://"
-    return "unix://" + broker_url[len(prefix) :] if broker_url.startswith(prefix) else broker_url
