@@ -192,7 +192,6 @@ def _apply_match(s: Step, ids: list[str], leader: Step | None) -> None:
             s.id, s.matched = ids[0], True
         elif leader is not None:  # same condition earlier in this chunk: that one creates
             s.id, s.matched = leader.id, True
-            s.extra["leader"] = leader
         else:
             s.id = new_id()
     elif s.kind == "update":

@@ -6,7 +6,7 @@ carry only what the engine adds around it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -39,7 +39,6 @@ class EntryResult:
     last_modified: datetime | None = None
     resource: dict[str, Any] | None = None
     outcome: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

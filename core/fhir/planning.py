@@ -13,6 +13,7 @@ from typing import Any
 
 from core.errors import BadRequest, FhirError, NotSupported
 from core.fhir.model import EntryResult
+from core.fhir.outcome import from_error
 from core.fhir.search_params import parse_query
 from core.fhir.urls import RequestUrl, parse_etag, parse_query_string, parse_request_url
 from core.fhir.validation import known_resource_type, validate_resource
@@ -66,8 +67,6 @@ class Step:
     def fail(self, err: FhirError) -> None:
         if err.index is None:
             err.index = self.index
-        from core.fhir.outcome import from_error
-
         self.result = EntryResult(self.index, err.status, outcome=from_error(err))
 
 
