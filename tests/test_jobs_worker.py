@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import pytest
 import redis
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from tests.builders import patient, post, transaction, urn
 from tests.conftest import REDIS_URL
@@ -290,3 +290,24 @@ def test_callback_is_called_once_when_the_job_ends(
     assert payload["id"] == job_id and payload["state"] == "completed"
     assert payload["counts"]["succeeded"] == 60
     assert api.get(f"/jobs/{job_id}").json["callback"]["state"] == "sent"
+
+
+def test_a_running_transaction_job_shows_running(api: Any, worker: WorkerProcess,
+                                                  clean_db: Engine) -> None:
+    """The whole transaction is one database transaction; its job still reads `running`
+    while that transaction is open (here: held up by a row lock the test keeps)."""
+    created = api.put("/fhir/Patient/held", content_type="application/fhir+json",
+                      data=orjson.dumps({"resourceType": "Patient", "id": "held"}))
+    assert created.status_code == 201, created.json
+    with clean_db.connect() as blocker:
+        tx = blocker.begin()
+        blocker.execute(text("SELECT 1 FROM resource WHERE res_id = 'held' FOR UPDATE"))
+        job_id = job_id_of(submit(api, transaction(
+            {"resource": {"resourceType": "Patient", "id": "held", "active": True},
+             "request": {"method": "PUT", "url": "Patient/held"}})))
+        wait_for(lambda: scalar(clean_db, f"SELECT state FROM job WHERE id = '{job_id}'")
+                 == "running", 20, "the transaction job to show running")
+        tx.rollback()
+    r = poll(api, job_id)
+    assert r.status_code == 200, r.json
+    assert scalar(clean_db, f"SELECT state FROM job WHERE id = '{job_id}'") == "completed"

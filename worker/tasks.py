@@ -24,6 +24,7 @@ from core.jobs import (
     get_job,
     job_json,
     jobs_url_for,
+    mark_running,
     reap,
     run_chunk,
     run_transaction_job,
@@ -63,6 +64,8 @@ def chunk(conn: Connection, job_id: str, gen: int) -> list[Dispatch]:
 
 @celery.task(base=JobTask, name="fhirq.transaction")
 def transaction(conn: Connection, job_id: str, gen: int = 0) -> list[Dispatch]:
+    with get_engine().begin() as status:  # committed now, before the long transaction
+        mark_running(status, job_id)
     return run_transaction_job(conn, job_id)
 
 

@@ -9,7 +9,14 @@ talks to Redis.
     views    get_job, job_json, list_jobs, list_entries, stream_response
 """
 
-from core.jobs.control import cancel_job, claim_callback, finish_callback, reap, retry_failed
+from core.jobs.control import (
+    cancel_job,
+    claim_callback,
+    finish_callback,
+    mark_running,
+    reap,
+    retry_failed,
+)
 from core.jobs.intake import Accepted, Submission, accept_job
 from core.jobs.model import ACTIVE, TERMINAL, Dispatch, JobKind, JobState
 from core.jobs.runner import JobCancelled, run_chunk, run_transaction_job
@@ -40,6 +47,7 @@ __all__ = [
     "jobs_url_for",
     "list_entries",
     "list_jobs",
+    "mark_running",
     "reap",
     "retry_failed",
     "run_chunk",

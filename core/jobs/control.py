@@ -106,6 +106,19 @@ def retry_failed(
     return n, initial_dispatches(job_id, job["kind"], n, job["chunk_size"], inflight, gen)
 
 
+def mark_running(conn: Connection, job_id: str) -> None:
+    """Show an accepted job as running. A transaction job does all its work in one database
+    transaction, so without this short one before it, pollers would see `accepted` until the
+    end."""
+    conn.execute(
+        text(
+            "UPDATE job SET state = 'running', started_at = coalesce(started_at, now()), "
+            "updated_at = now() WHERE id = :id AND state = 'accepted'"
+        ),
+        {"id": job_id},
+    )
+
+
 def reap(conn: Connection, stall_seconds: float, inflight: int) -> list[Dispatch]:
     """Revive active jobs that made no progress for `stall_seconds` (their tasks were lost:
     a worker was killed, Redis was flushed) and finished jobs whose callback was never sent.
