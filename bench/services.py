@@ -69,27 +69,25 @@ def _redis_answers(url: str) -> bool:
         client.close()
 
 
-def _recreate(admin_url: str, database: str) -> None:
+def _admin(admin_url: str, statement: str, database: str) -> None:
+    """Run one database-level statement (`{}` = the quoted database name) outside a
+    transaction, as CREATE / DROP DATABASE require."""
     conn = psycopg2.connect(admin_url)
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
-            name = sql.Identifier(database)
-            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
-            cur.execute(sql.SQL("CREATE DATABASE {}").format(name))
+            cur.execute(sql.SQL(statement).format(sql.Identifier(database)))
     finally:
         conn.close()
+
+
+def _recreate(admin_url: str, database: str) -> None:
+    drop_database(admin_url, database)
+    _admin(admin_url, "CREATE DATABASE {}", database)
 
 
 def drop_database(admin_url: str, database: str) -> None:
-    conn = psycopg2.connect(admin_url)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(database)))
-    finally:
-        conn.close()
+    _admin(admin_url, "DROP DATABASE IF EXISTS {} WITH (FORCE)", database)
 
 
 def _api_key(url: str) -> str:
