@@ -8,8 +8,8 @@ import orjson
 from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
-from core.errors import FhirError
-from core.fhir.outcome import from_error, internal_error, issue, outcome
+from core.errors import FhirError, for_status
+from core.fhir.outcome import from_error, internal_error
 
 log = logging.getLogger(__name__)
 
@@ -22,18 +22,24 @@ def fhir_response(
     return Response(orjson.dumps(body), status=status, headers=headers, mimetype=FHIR_JSON)
 
 
+def error_response(err: FhirError) -> Response:
+    """The OperationOutcome answer for `err`, with its status and headers."""
+    return fhir_response(from_error(err), err.status, err.headers or None)
+
+
 def register(app: Flask) -> None:
     @app.errorhandler(FhirError)
     def _fhir_error(err: FhirError) -> Response:
-        return fhir_response(from_error(err), err.status)
+        return error_response(err)
 
     @app.errorhandler(HTTPException)
     def _http_error(err: HTTPException) -> Response:
-        code = {404: "not-found", 405: "not-supported", 413: "too-costly"}.get(
-            err.code or 500, "invalid"
-        )
-        body = outcome(issue("error", code, err.description or err.name))
-        return fhir_response(body, err.code or 500)
+        # Werkzeug's own refusals (unknown route, wrong method, …) take the same path as ours.
+        response = error_response(for_status(err.code or 500, err.description or err.name))
+        allow = getattr(err, "valid_methods", None)
+        if allow:
+            response.headers["Allow"] = ", ".join(allow)
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception) -> Response:

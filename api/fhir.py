@@ -28,7 +28,7 @@ from api.http import (
     result_response,
     settings,
 )
-from core.errors import BadRequest, FhirError
+from core.errors import BadRequest, FhirError, NotFound, TooLarge
 from core.fhir.bundle import check_bundle, upsert_entry, upsert_outcome
 from core.fhir.capability import capability_statement
 from core.fhir.engine import execute_batch, execute_transaction, response_bundle
@@ -115,22 +115,16 @@ def put_upsert() -> Response:
     if request.mimetype == NDJSON:
         raw = request.get_data(cache=False)
         if len(raw) > cfg.sync_max_bytes:
-            raise BadRequest(
-                "Body too large for a synchronous upsert." + ASYNC_HINT,
-                status=413,
-                code="too-costly",
-            )
+            raise TooLarge("Body too large for a synchronous upsert." + ASYNC_HINT)
         elements = [parse_json(line) for line in raw.splitlines() if line.strip()]
     else:
         elements = read_json(cfg.sync_max_bytes, hint=ASYNC_HINT)
         if not isinstance(elements, list):
             raise BadRequest("Batch upsert takes a JSON array of resources", expression="$")
     if len(elements) > cfg.sync_max_entries:
-        raise BadRequest(
+        raise TooLarge(
             f"{len(elements)} resources exceed the synchronous limit of "
-            f"{cfg.sync_max_entries}.{ASYNC_HINT}",
-            status=413,
-            code="too-costly",
+            f"{cfg.sync_max_entries}.{ASYNC_HINT}"
         )
     ctx = context()
     entries: list[tuple[int, dict[str, Any]]] = []
@@ -210,9 +204,7 @@ def _url(*parts: str) -> str:
 
 def _check_type(resource_type: str) -> None:
     if not known_resource_type(resource_type):
-        raise FhirError(
-            f"'{resource_type}' is not a FHIR R4 resource type", status=404, code="not-supported"
-        )
+        raise NotFound(f"'{resource_type}' is not a FHIR R4 resource type", code="not-supported")
 
 
 def _body_resource() -> Any:

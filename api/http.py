@@ -10,7 +10,7 @@ import orjson
 from flask import Request, Response, current_app, request
 
 from core.config import Settings
-from core.errors import BadRequest, FhirError, TooLarge
+from core.errors import BadRequest, TooLarge, UnsupportedMediaType
 from core.fhir.model import Context, EntryResult, PreferReturn
 from core.fhir.validation import check_json_limits, check_raw_depth
 
@@ -66,10 +66,8 @@ def context(req: Request | None = None) -> Context:
 def check_content_type(allowed: tuple[str, ...] = JSON_TYPES) -> None:
     mime = (request.mimetype or "").lower()
     if mime and mime not in allowed:
-        raise FhirError(
-            f"Content-Type '{mime}' is not supported here; use {' or '.join(allowed)}",
-            status=415,
-            code="not-supported",
+        raise UnsupportedMediaType(
+            f"Content-Type '{mime}' is not supported here; use {' or '.join(allowed)}"
         )
 
 

@@ -23,7 +23,7 @@ import httpx
 import jwt
 import orjson
 
-from core.errors import FhirError, Unauthorized
+from core.errors import FhirError, Unauthorized, Unavailable
 
 __all__ = ["ALGORITHMS", "JwtClaims", "Jwks", "jwks_for", "verify_jwt"]
 
@@ -70,10 +70,10 @@ def _parse_jwks(raw: bytes, source: str) -> list[jwt.PyJWK]:
     return keys
 
 
-def _unavailable(diagnostics: str) -> FhirError:
+def _unavailable(diagnostics: str) -> Unavailable:
     # The server's key source failed, not the client's token: 503, so clients retry rather
     # than discard a good token.
-    return FhirError(diagnostics, status=503, code="transient")
+    return Unavailable(diagnostics)
 
 
 @dataclass
