@@ -3,6 +3,7 @@ limits, the Prefer header, the base URL, and turning an EntryResult into an HTTP
 
 from __future__ import annotations
 
+from codecs import BOM_UTF8
 from email.utils import format_datetime
 from typing import Any
 
@@ -83,6 +84,9 @@ def read_json(max_bytes: int, *, hint: str = "") -> Any:
 
 
 def parse_json(raw: bytes) -> Any:
+    """One JSON document; a leading UTF-8 byte-order mark is ignored (RFC 8259 §8.1 allows it,
+    and files saved on Windows often start with one)."""
+    raw = raw.removeprefix(BOM_UTF8)
     if not raw.strip():
         raise BadRequest("The request body is empty", code="required")
     cfg = settings()

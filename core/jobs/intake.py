@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import uuid
+from codecs import BOM_UTF8
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Literal
@@ -230,19 +231,29 @@ class _BodySource:
         self._hash = hashlib.sha256(kind.encode() + b"\n") if hashing else None
 
     def chunks(self) -> Iterator[bytes]:
+        """The body's bytes, without a leading UTF-8 byte-order mark (RFC 8259 §8.1 lets a
+        parser ignore it; PostgreSQL's JSON parser would not)."""
+        head: bytes | None = b""  # the first bytes, until a mark can be told apart
         while True:
             chunk = self.stream.read(READ_SIZE)
-            if not chunk:
-                return
             self.size += len(chunk)
             if self.size > self.max_bytes:
                 raise TooLarge(
                     f"The body exceeds the limit of {self.max_bytes} bytes for a job "
                     "(FHIRQ_ASYNC_MAX_BYTES)."
                 )
-            if self._hash is not None:
-                self._hash.update(chunk)
-            yield chunk
+            end = not chunk
+            if head is not None:
+                head += chunk
+                if not end and len(head) < len(BOM_UTF8):
+                    continue  # a short first read: the mark may still be arriving
+                chunk, head = head.removeprefix(BOM_UTF8), None
+            if chunk:
+                if self._hash is not None:
+                    self._hash.update(chunk)
+                yield chunk
+            if end:
+                return
 
     def hexdigest(self) -> str | None:
         return self._hash.hexdigest() if self._hash is not None else None
