@@ -13,7 +13,7 @@ import orjson
 from flask import Blueprint, Flask, Response, g, request
 
 from api.http import base_url, fhir_response
-from api.submit import status_url
+from api.submit import accepted_headers, progress
 from core.config import get_settings
 from core.errors import BadRequest, NotFound
 from core.fhir.outcome import informational
@@ -83,11 +83,6 @@ def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
 # --------------------------------------------------------------------------- FHIR async
 
 
-def _progress(job: dict[str, Any]) -> str:
-    return (f"{job['state']}: {job['done']} of {job['total']} entries done, "
-            f"{job['failed']} failed")
-
-
 def _retry_after(job: dict[str, Any]) -> int:
     """Seconds until a poll is worth it: a tenth of the estimated time left, 1 to 10 s."""
     from core.jobs.views import rate
@@ -101,14 +96,16 @@ def _retry_after(job: dict[str, Any]) -> int:
 
 @status_bp.get("/_async/<job_id>")
 def poll(job_id: str) -> Response:
-    """202 + X-Progress while running; the response document when done; the OperationOutcome
-    and its status for a failed transaction; 404 once cancelled or dismissed."""
+    """202 + Content-Location (this URL) + X-Progress + Retry-After while the job is at work;
+    the response document when done; the OperationOutcome and its status for a failed
+    transaction; 404 once cancelled or dismissed."""
     job = _load(job_id)
     if job["dismissed_at"] is not None or job["state"] == "cancelled":
         raise NotFound(f"Job '{job_id}' was cancelled")
     if job["state"] in ACTIVE:
-        headers = {"X-Progress": _progress(job), "Retry-After": str(_retry_after(job))}
-        return fhir_response(informational(_progress(job)), 202, headers)
+        headers = {**accepted_headers(base_url(request), job),
+                   "Retry-After": str(_retry_after(job))}
+        return fhir_response(informational(progress(job)), 202, headers)
     if job["state"] == "failed":
         return fhir_response(job["outcome"], job["outcome_status"] or 500)
     mimetype = "application/json" if job["kind"] == "upsert" else "application/fhir+json"
@@ -186,4 +183,4 @@ def retry(job_id: str) -> Response:
     body = {"retried": n, "job": job_json(job, jobs_url=_jobs_url())}
     if n == 0:
         return _json(body)
-    return _json(body, 202, {"Content-Location": status_url(base_url(request), job_id)})
+    return _json(body, 202, accepted_headers(base_url(request), job))

@@ -1,6 +1,7 @@
 """Async submission (`Prefer: respond-async` on `POST [base]` / `PUT [base]`): check the
 envelope, persist the job and every entry, commit, then enqueue, and answer `202 Accepted` with
-the status URL in `Content-Location`.
+the status URL in `Content-Location` and the job's progress in `X-Progress`, as every poll of a
+job still at work answers (`accepted_headers`).
 
 The body is streamed into PostgreSQL (see `core.jobs.intake`); it is never held whole in the
 API's memory. Headers: `Idempotency-Key` (same key and body → the same job), `X-Callback-Url`
@@ -10,17 +11,18 @@ API's memory. Headers: `Idempotency-Key` (same key and body → the same job), `
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from flask import Request, Response, g
 
 from api.http import base_url, fhir_response, prefer_return, settings
 from core.errors import BadRequest, TooLarge
 from core.fhir.outcome import informational
-from core.jobs import Submission, accept_job
+from core.jobs import Submission, accept_job, get_job
 from core.jobs.callback import valid_callback_url
 from core.store.db import get_engine
 
-__all__ = ["submit_async", "status_url"]
+__all__ = ["accepted_headers", "progress", "status_url", "submit_async"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,17 @@ MAX_KEY_LENGTH = 255
 
 def status_url(base: str, job_id: str) -> str:
     return f"{base}/_async/{job_id}"
+
+
+def progress(job: dict[str, Any]) -> str:
+    return (f"{job['state']}: {job['done']} of {job['total']} entries done, "
+            f"{job['failed']} failed")
+
+
+def accepted_headers(base: str, job: dict[str, Any]) -> dict[str, str]:
+    """Headers of every 202 about a job: clients that follow the FHIR async pattern (Medplum's,
+    for one) take the next URL to poll from `Content-Location` of each 202, not only the first."""
+    return {"Content-Location": status_url(base, job["id"]), "X-Progress": progress(job)}
 
 
 def submit_async(kind: str, request: Request) -> Response:
@@ -69,13 +82,15 @@ def submit_async(kind: str, request: Request) -> Response:
     )
     with get_engine().begin() as conn:
         accepted = accept_job(conn, request.stream, sub)
+        job = get_job(conn, accepted.job_id, sub.owner)
+    assert job is not None
     if accepted.dispatches:
         from worker.tasks import enqueue_safely
 
         enqueue_safely(accepted.dispatches)
 
-    url = status_url(base, accepted.job_id)
-    headers = {"Content-Location": url, "X-Job-Id": accepted.job_id}
+    headers = {**accepted_headers(base, job), "X-Job-Id": accepted.job_id}
+    url = headers["Content-Location"]
     if accepted.replayed:
         headers["Idempotent-Replayed"] = "true"
         text = f"Job {accepted.job_id} was already submitted with this Idempotency-Key."
