@@ -93,7 +93,7 @@ def capability_statement(base_url: str, settings: Settings) -> dict[str, Any]:
                 "conditionalRead": "not-supported",
                 "conditionalUpdate": True,
                 "conditionalDelete": "single",
-                "referencePolicy": ["literal", "local"],
+                "referencePolicy": _reference_policy(settings),
                 "searchParam": params,
             }
         )
@@ -117,7 +117,7 @@ def capability_statement(base_url: str, settings: Settings) -> dict[str, Any]:
                     f"Bundles of type batch and transaction are answered synchronously up to "
                     f"{settings.sync_max_entries} entries; send 'Prefer: respond-async' to run any "
                     "size as a job (FHIR asynchronous request pattern). PUT [base] with a JSON "
-                    "array or NDJSON performs a batch upsert."
+                    "array or NDJSON performs a batch upsert. " + _reference_rules(settings)
                 ),
                 "security": _security(settings),
             "resource": resources,
@@ -125,6 +125,25 @@ def capability_statement(base_url: str, settings: Settings) -> dict[str, Any]:
             }
         ],
     }
+
+
+def _reference_policy(settings: Settings) -> list[str]:
+    """R4 ReferenceHandlingPolicy codes that hold: literal references are understood, only
+    those to this server (`local`), and with referential integrity on they must resolve
+    (`enforced`). Reference.identifier is stored but never resolved, so not `logical`."""
+    policy = ["literal", "local"]
+    if settings.referential_integrity:
+        policy.append("enforced")
+    return policy
+
+
+def _reference_rules(settings: Settings) -> str:
+    if not settings.referential_integrity:
+        return ("References are not checked (FHIRQ_REFERENTIAL_INTEGRITY is off): a written "
+                "resource may point at a resource that does not exist yet.")
+    return ("A literal reference (Type/id) in a written resource must name an existing "
+            "resource or one the same transaction writes, else the write is refused (400); "
+            "deleting a resource does not check what points at it.")
 
 
 def _security(settings: Settings) -> dict[str, Any]:
