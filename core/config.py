@@ -39,6 +39,10 @@ class Settings:
     async_max_bytes: int = field(default_factory=lambda: _int("FHIRQ_ASYNC_MAX_BYTES", 250_000_000))
     max_json_depth: int = field(default_factory=lambda: _int("FHIRQ_MAX_JSON_DEPTH", 64))
     max_string_bytes: int = field(default_factory=lambda: _int("FHIRQ_MAX_STRING_BYTES", 1_000_000))
+    # CPU seconds one entry may spend evaluating client-written FHIRPath (core.fhir.fhirpath).
+    entry_time_budget: float = field(
+        default_factory=lambda: _float("FHIRQ_ENTRY_TIME_BUDGET", 2)
+    )
     chunk_size: int = field(default_factory=lambda: _int("FHIRQ_CHUNK_SIZE", 500))
     # Literal references (`Patient/1`) in written resources must name existing resources.
     # Turn off for loads whose referenced resources arrive later.

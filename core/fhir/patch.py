@@ -18,6 +18,8 @@ separates a malformed patch document from one that cannot be applied. So:
   a failed content test is not fixed by retrying, and HAPI and Medplum report it as a client
   error too. One status (422) then means "this patch does not apply to this content" for
   both patch formats.
+- 422 (`too-costly`): evaluating the FHIRPath Patch took more than FHIRQ_ENTRY_TIME_BUDGET
+  (see `core.fhir.fhirpath`); `expression` names the operation being evaluated.
 
 `expression` is where the patch document sits (e.g. "Bundle.entry[2].resource"); errors point
 at it (JSON Patch: the Binary; FHIRPath Patch: `parameter[i]` / `part[j]` of the Parameters),
@@ -33,18 +35,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import fhirpathpy
 import jsonpatch
 import jsonpointer
 import orjson
-from antlr4 import CommonTokenStream, InputStream, Token
-from antlr4.error.ErrorListener import ErrorListener
-from fhirpathpy.models import models as fhirpath_models
-from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
-from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
 
 from core.config import get_settings
 from core.errors import BadRequest, FhirError, Unprocessable
+from core.fhir.fhirpath import Budget, bounded, evaluate, parse
 from core.fhir.validation import check_raw_depth, element_repeats, fhirpath_of
 
 __all__ = [
@@ -234,7 +231,7 @@ class _Operation:
     destination: int | None = None
 
 
-def _read_operations(parameters: Any, root: str) -> list[_Operation]:
+def _read_operations(parameters: Any, root: str, budget: Budget) -> list[_Operation]:
     if not isinstance(parameters, dict) or parameters.get("resourceType") != "Parameters":
         raise BadRequest("A FHIRPath Patch must be a Parameters resource", code="structure",
                          expression=root)
@@ -242,7 +239,11 @@ def _read_operations(parameters: Any, root: str) -> list[_Operation]:
     if not isinstance(params, list) or not params:
         raise BadRequest("The FHIRPath Patch has no operation", code="required",
                          expression=f"{root}.parameter")
-    return [_read_operation(p, f"{root}.parameter[{i}]") for i, p in enumerate(params)]
+    operations = []
+    for i, param in enumerate(params):
+        budget.where = f"{root}.parameter[{i}]"
+        operations.append(_read_operation(param, budget.where))
+    return operations
 
 
 def _read_operation(param: Any, where: str) -> _Operation:
@@ -285,7 +286,7 @@ def _read_operation(param: Any, where: str) -> _Operation:
         raise BadRequest("The path must be a non-empty valueString", code="value",
                          expression=f"{where}.part[{named['path'][0]}]")
     try:
-        _check_fhirpath_syntax(path)
+        parse(path)
     except ValueError as exc:
         raise BadRequest(f"The path {path!r} is not valid FHIRPath: {exc}", code="value",
                          expression=f"{where}.part[{named['path'][0]}]") from None
@@ -349,27 +350,6 @@ def _part_value(part: dict[str, Any], where: str) -> tuple[Any, str | None]:
     return anonymous, None
 
 
-class _RaiseOnSyntaxError(ErrorListener):
-    def syntaxError(self, recognizer, offendingSymbol, line, column, msg, e):
-        raise ValueError(f"at character {column + 1}: {msg}")
-
-
-def _check_fhirpath_syntax(path: str) -> None:
-    # fhirpathpy's parser silently recovers from syntax errors ("Patient.name.(" evaluates as
-    # "Patient.name"): a typo would patch the wrong element. Parse strictly first.
-    listener = _RaiseOnSyntaxError()
-    lexer = FHIRPathLexer(InputStream(path))
-    lexer.removeErrorListeners()
-    lexer.addErrorListener(listener)
-    tokens = CommonTokenStream(lexer)
-    parser = FHIRPathParser(tokens)
-    parser.removeErrorListeners()
-    parser.addErrorListener(listener)
-    parser.expression()
-    if tokens.LA(1) != Token.EOF:
-        raise ValueError(f"unexpected {tokens.LT(1).text!r} at character {tokens.LT(1).column + 1}")
-
-
 # --------------------------------------------------------------------------------------------
 # FHIRPath Patch: finding and changing elements
 # --------------------------------------------------------------------------------------------
@@ -400,12 +380,7 @@ _SEGMENT = re.compile(r"([A-Za-z][A-Za-z0-9_]*)(?:\[(\d+)\])?")
 
 
 def _evaluate(doc: dict[str, Any], path: str, op: _Operation) -> list[Any]:
-    try:
-        nodes = fhirpathpy.evaluate(doc, path, model=fhirpath_models["r4"],
-                                    options={"returnRawData": True})
-    except Exception as exc:  # fhirpathpy raises bare Exceptions for unknown functions etc.
-        raise BadRequest(f"The path {path!r} cannot be evaluated: {exc}", code="value",
-                         expression=op.where) from None
+    nodes = evaluate(doc, path, expression=op.where)
     # Primitive entries that only carry extensions come back as nodes without data.
     return [n for n in nodes if getattr(n, "data", n) is not None]
 
@@ -705,14 +680,17 @@ def apply_fhirpath_patch(resource: dict, parameters: dict, *, expression: str = 
     `destination`). Values are value[x], a resource, or parts for anonymous elements.
     """
     root = expression or "Parameters"
-    operations = _read_operations(parameters, root)
-    doc = _deep_copy(resource)
-    for op in operations:
-        try:
-            _APPLY[op.type](doc, op)
-        except FhirError as err:
-            if not err.expression:
-                err.expression = [op.where]
-            raise
+    # One budget for the whole entry: reading the paths (ANTLR parsing) and every operation.
+    with bounded(expression=root) as budget:
+        operations = _read_operations(parameters, root, budget)
+        doc = _deep_copy(resource)
+        for op in operations:
+            budget.where = op.where
+            try:
+                _APPLY[op.type](doc, op)
+            except FhirError as err:
+                if not err.expression:
+                    err.expression = [op.where]
+                raise
     _check_identity(resource, doc, "The FHIRPath Patch", expression)
     return doc
