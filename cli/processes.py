@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "CELERY_APP",
+    "WORKER_CLASS",
     "WSGI_APP",
     "api_argv",
     "beat_argv",
@@ -17,6 +18,7 @@ __all__ = [
 ]
 
 WSGI_APP = "api.wsgi:app"
+WORKER_CLASS = "api.server.BufferingWorker"
 CELERY_APP = "worker.celery_app:celery"
 
 
@@ -38,10 +40,12 @@ def api_argv(
 ) -> list[str]:
     # gthread: a few processes with several threads each, so slow requests (a large async
     # upload, a sync transaction) do not block the others; processes give real parallelism.
+    # fhirq's variant reads requests in the worker's selector before a thread takes them, so
+    # clients that send slowly cannot tie up the threads (api.server).
     return [
         sys.executable, "-m", "gunicorn", WSGI_APP,
         "--bind", f"{format_host(host)}:{port}",
-        "--worker-class", "gthread",
+        "--worker-class", WORKER_CLASS,
         "--workers", str(workers),
         "--threads", str(threads),
         # Bounded so a stop never waits on a stuck request for gunicorn's default 30 s.

@@ -37,6 +37,12 @@ class Settings:
     sync_max_entries: int = field(default_factory=lambda: _int("FHIRQ_SYNC_MAX_ENTRIES", 1000))
     sync_max_bytes: int = field(default_factory=lambda: _int("FHIRQ_SYNC_MAX_BYTES", 10_000_000))
     async_max_bytes: int = field(default_factory=lambda: _int("FHIRQ_ASYNC_MAX_BYTES", 250_000_000))
+    # Slow clients (api.server): a request head must arrive within this many seconds, and a
+    # body may pause at most this long, or the connection is dropped.
+    http_header_timeout: float = field(
+        default_factory=lambda: _float("FHIRQ_HTTP_HEADER_TIMEOUT", 30)
+    )
+    http_body_timeout: float = field(default_factory=lambda: _float("FHIRQ_HTTP_BODY_TIMEOUT", 30))
     max_json_depth: int = field(default_factory=lambda: _int("FHIRQ_MAX_JSON_DEPTH", 64))
     max_string_bytes: int = field(default_factory=lambda: _int("FHIRQ_MAX_STRING_BYTES", 1_000_000))
     # CPU seconds one entry may spend evaluating client-written FHIRPath (core.fhir.fhirpath).
