@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ from core.fhir.validation import (
     validate_resource,
 )
 
-SYNTHEA = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthea"
+SYNTHEA = Path(
+    os.environ.get("FHIRQ_SYNTHEA_DIR", Path(__file__).resolve().parents[2] / "shared/data/synthea")
+)
 
 
 def _error(resource: Any, **kwargs: Any) -> FhirError:

@@ -1,22 +1,27 @@
-"""References inside resources: placeholder (`urn:uuid:` / `urn:oid:`) rewriting, conditional
-references (`Patient?identifier=s|v`) and the literal references a write points to.
+"""References inside resources: placeholder (`urn:uuid:` / `urn:oid:`) and fullUrl rewriting,
+conditional references (`Patient?identifier=s|v`) and the literal references a write points to.
 
-References are found and rewritten in the resource's JSON text rather than by walking the
-dict in Python: serialising, two regular-expression passes and parsing back cost a fraction of
-a walk over a large resource (an ExplanationOfBenefit has hundreds of elements), and the text
-form has no depth to exhaust the Python stack.
+Links are found by FHIR type, not by the shape of the text: only `Reference.reference` and
+elements of type uri, url, canonical, oid or uuid are links (http.html#trules), found along
+the typed paths of `core.fhir.element_types`. A `urn:uuid:` in a string element such as
+`Identifier.value` keeps its text; an absolute fullUrl in `Attachment.url` is rewritten.
+
+Each write is walked once by `scan_references` (its references and uri values, no copies);
+`rewrite_references` walks again only when one of those values is in the mapping, and copies
+only the dicts and lists on the way to a changed value, so the caller's resource is never
+modified. Conditional references are links of `Reference.reference` only.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from core.errors import BadRequest
+from core.fhir.element_types import LINK, REFERENCE, Links, resource_links
+from core.fhir.validation import fhirpath_at
 
 __all__ = [
     "ReferenceScan",
@@ -24,15 +29,13 @@ __all__ = [
     "is_conditional_reference",
     "scan_references",
     "rewrite_references",
+    "reference_expressions",
     "literal_target",
 ]
 
 _LITERAL = re.compile(
     r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$"
 )
-# orjson writes compact JSON: `"reference":"…"` has no whitespace to allow for.
-_REFERENCE = re.compile(rb'"reference":"((?:[^"\\]|\\.)*)"')
-_PLACEHOLDER = re.compile(rb'"(urn:(?:uuid|oid):(?:[^"\\]|\\.)*)"')
 
 
 def is_placeholder(value: str) -> bool:
@@ -52,48 +55,195 @@ def literal_target(reference: str) -> tuple[str, str] | None:
 
 @dataclass(slots=True)
 class ReferenceScan:
-    """A resource's JSON text and every `reference` value in it, in document order."""
+    """A resource, every `Reference.reference` value in it (document order) and every value
+    of its uri / url / canonical / oid / uuid elements."""
 
-    json: bytes
+    resource: dict[str, Any]
     references: list[str]
-
-
-def _decode(raw: bytes) -> str:
-    return orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
+    links: list[str]
 
 
 def scan_references(resource: dict[str, Any], *, expression: str = "") -> ReferenceScan:
+    refs: list[str] = []
+    links: list[str] = []
     try:
-        data = orjson.dumps(resource)
-    except orjson.JSONEncodeError as exc:  # e.g. nesting deeper than JSON encoders allow
+        _collect_resource(resource, refs, links)
+    except RecursionError as exc:  # deeper than any limit of ours lets through
         raise BadRequest(
-            f"The resource cannot be processed: {exc}", expression=expression, code="too-costly"
+            "The resource is nested too deeply to be processed",
+            expression=expression or None,
+            code="too-costly",
         ) from exc
-    if b'"reference"' not in data:
-        return ReferenceScan(data, [])
-    return ReferenceScan(data, [_decode(m) for m in _REFERENCE.findall(data)])
+    return ReferenceScan(resource, refs, links)
 
 
 def rewrite_references(scan: ReferenceScan, mapping: Mapping[str, str]) -> dict[str, Any] | None:
-    """The resource with every reference in `mapping` replaced, and every string that equals a
-    placeholder in `mapping` (a placeholder may also sit in a uri such as Attachment.url).
-    None when nothing changes."""
+    """The resource with every link in `mapping` replaced: a `Reference.reference` by any
+    entry, a uri-typed element by any entry but a conditional reference. None when nothing
+    changes."""
     if not mapping:
         return None
-    changed = False
+    if not any(r in mapping for r in scan.references) and not any(
+        u in mapping and not is_conditional_reference(u) for u in scan.links
+    ):
+        return None
+    return _rewrite_resource(scan.resource, mapping)
 
-    def replacer(prefix: bytes) -> Callable[[re.Match[bytes]], bytes]:
-        def replace(m: re.Match[bytes]) -> bytes:
-            nonlocal changed
-            new = mapping.get(_decode(m.group(1)))
-            if new is None:
-                return m.group(0)
-            changed = True
-            return prefix + orjson.dumps(new)
 
-        return replace
+def reference_expressions(resource: dict[str, Any], value: str, *, root: str) -> list[str]:
+    """FHIRPaths of the `Reference.reference` elements of `resource` holding `value`, built on
+    `root` (where the resource sits, e.g. `Bundle.entry[2].resource`); [root] if none does.
+    For error messages only: it walks the resource keeping paths."""
+    found: list[tuple[Any, ...]] = []
+    _locate(resource, resource_links(str(resource.get("resourceType"))), value, (), found)
+    return [fhirpath_at(root, resource, loc) for loc in found] or [root]
 
-    data = _REFERENCE.sub(replacer(b'"reference":'), scan.json) if scan.references else scan.json
-    if b'"urn:' in data:
-        data = _PLACEHOLDER.sub(replacer(b""), data)
-    return orjson.loads(data) if changed else None
+
+# --------------------------------------------------------------------------- typed walks
+
+
+def _collect_resource(resource: dict[str, Any], refs: list[str], links: list[str]) -> None:
+    tree = resource_links(str(resource.get("resourceType")))
+    if tree is None:
+        _collect_untyped(resource, refs)
+    else:
+        _collect(resource, tree, refs, links)
+
+
+def _collect(node: dict[str, Any], tree: Links, refs: list[str], links: list[str]) -> None:
+    for key, value in node.items():
+        kind = tree.get(key)
+        if kind is None:
+            continue
+        if type(kind) is dict:
+            if type(value) is dict:
+                _collect(value, kind, refs, links)
+            elif type(value) is list:
+                for item in value:
+                    if type(item) is dict:
+                        _collect(item, kind, refs, links)
+        elif kind is REFERENCE:
+            if type(value) is str:
+                refs.append(value)
+        elif kind is LINK:
+            if type(value) is str:
+                links.append(value)
+            elif type(value) is list:  # e.g. Meta.profile, instantiatesUri
+                links.extend(v for v in value if type(v) is str)
+        else:  # RESOURCE: a contained (or bundled) resource has the tree of its own type
+            for item in value if type(value) is list else (value,):
+                if type(item) is dict:
+                    _collect_resource(item, refs, links)
+
+
+def _collect_untyped(node: Any, refs: list[str]) -> None:
+    """A type without an R4 definition: any `reference` string is taken as a Reference's
+    (its uri elements are not known, so none is rewritten)."""
+    if type(node) is dict:
+        if type(node.get("resourceType")) is str and resource_links(node["resourceType"]):
+            _collect_resource(node, refs, [])
+            return
+        for key, value in node.items():
+            if key == "reference" and type(value) is str:
+                refs.append(value)
+            else:
+                _collect_untyped(value, refs)
+    elif type(node) is list:
+        for item in node:
+            _collect_untyped(item, refs)
+
+
+def _rewrite_resource(
+    resource: dict[str, Any], mapping: Mapping[str, str]
+) -> dict[str, Any] | None:
+    tree = resource_links(str(resource.get("resourceType")))
+    if tree is None:
+        return _rewrite_untyped(resource, mapping)
+    return _rewrite(resource, tree, mapping)
+
+
+def _rewrite(
+    node: dict[str, Any], tree: Links, mapping: Mapping[str, str]
+) -> dict[str, Any] | None:
+    out: dict[str, Any] | None = None
+    for key, value in node.items():
+        kind = tree.get(key)
+        if kind is None:
+            continue
+        if type(value) is list:
+            new: Any = None
+            for i, item in enumerate(value):
+                changed = _rewrite_value(item, kind, mapping)
+                if changed is not None:
+                    if new is None:
+                        new = list(value)
+                    new[i] = changed
+        else:
+            new = _rewrite_value(value, kind, mapping)
+        if new is not None:
+            if out is None:
+                out = dict(node)
+            out[key] = new
+    return out
+
+
+def _rewrite_value(value: Any, kind: str | Links, mapping: Mapping[str, str]) -> Any:
+    if type(kind) is dict:
+        return _rewrite(value, kind, mapping) if type(value) is dict else None
+    if type(value) is str:
+        if kind is REFERENCE:
+            return mapping.get(value)
+        if kind is LINK and not is_conditional_reference(value):
+            return mapping.get(value)
+        return None
+    if kind is not REFERENCE and kind is not LINK and type(value) is dict:  # RESOURCE
+        return _rewrite_resource(value, mapping)
+    return None
+
+
+def _rewrite_untyped(node: Any, mapping: Mapping[str, str]) -> Any:
+    if type(node) is dict:
+        if type(node.get("resourceType")) is str and resource_links(node["resourceType"]):
+            return _rewrite_resource(node, mapping)
+        out: dict[str, Any] | None = None
+        for key, value in node.items():
+            if key == "reference" and type(value) is str:
+                new = mapping.get(value)
+            else:
+                new = _rewrite_untyped(value, mapping)
+            if new is not None:
+                if out is None:
+                    out = dict(node)
+                out[key] = new
+        return out
+    if type(node) is list:
+        copy: list[Any] | None = None
+        for i, item in enumerate(node):
+            new = _rewrite_untyped(item, mapping)
+            if new is not None:
+                if copy is None:
+                    copy = list(node)
+                copy[i] = new
+        return copy
+    return None
+
+
+def _locate(
+    node: Any, tree: Links | None, value: str, path: tuple[Any, ...], found: list[tuple[Any, ...]]
+) -> None:
+    if type(node) is list:
+        for i, item in enumerate(node):
+            _locate(item, tree, value, (*path, i), found)
+        return
+    if type(node) is not dict:
+        return
+    if tree is None and path and type(node.get("resourceType")) is str:
+        tree = resource_links(node["resourceType"])  # a contained resource
+    for key, child in node.items():
+        kind: Any = tree.get(key) if tree is not None else None
+        if (kind is REFERENCE or tree is None) and key == "reference" and child == value:
+            found.append((*path, key))
+        elif tree is None or type(kind) is dict:
+            _locate(child, kind, value, (*path, key), found)
+        elif kind is not None and kind is not REFERENCE and kind is not LINK:  # RESOURCE
+            _locate(child, None, value, (*path, key), found)

@@ -72,11 +72,16 @@ __all__ = [
     "RawDepthScanner",
     "check_json_limits",
     "check_raw_depth",
+    "Element",
+    "Model",
     "element_repeats",
+    "fhirpath_at",
     "fhirpath_of",
     "is_valid_id",
     "known_resource_type",
+    "model_elements",
     "preload_validators",
+    "resource_model",
     "validate_resource",
 ]
 
@@ -458,36 +463,43 @@ def _value_text(kind: str, item: Any) -> str:
     return f"{text}, got {_show(given)}"
 
 
+def fhirpath_at(root: str, resource: dict[str, Any], loc: Iterable[Any]) -> str:
+    """FHIRPath of JSON location `loc` inside `resource`, choice elements named as FHIRPath
+    names them: ("extension", 0, "valueReference", "reference") of a Patient →
+    `{root}.extension[0].value.reference`."""
+    return fhirpath_of(root, _choice_names(resource, tuple(loc)))
+
+
 def _choice_names(resource: dict[str, Any], loc: tuple[Any, ...]) -> list[Any]:
     """JSON location → FHIRPath names: a choice element is named without its type
     (`valueQuantity` → `value`), as FHIRPath (and OperationOutcome.expression) name it."""
     out: list[Any] = []
     data: Any = resource
-    model = _model_for(str(resource.get("resourceType")))
+    model = resource_model(str(resource.get("resourceType")))
     for part in loc:
         if isinstance(part, int):
             out.append(part)
             data = data[part] if isinstance(data, list) and part < len(data) else None
             if isinstance(data, dict) and isinstance(data.get("resourceType"), str):
-                model = _model_for(data["resourceType"])  # a contained resource
+                model = resource_model(data["resourceType"])  # a contained resource
             continue
         element = _element(model, part.lstrip("_")) if model is not None else None
         out.append(element.choice if element is not None and element.choice else part)
         data = data.get(part) if isinstance(data, dict) else None
         if isinstance(data, dict) and isinstance(data.get("resourceType"), str):
-            model = _model_for(data["resourceType"])
+            model = resource_model(data["resourceType"])
         else:
             model = element.model if element is not None else None
     return out
 
 
-def _element(model: Model, key: str) -> _Element | None:
+def _element(model: Model, key: str) -> Element | None:
     return _element_index(model).get(key)
 
 
 @cache
-def _element_index(model: Model) -> dict[str, _Element]:
-    return {e.key: e for e in _elements(model)}
+def _element_index(model: Model) -> dict[str, Element]:
+    return {e.key: e for e in model_elements(model)}
 
 
 _VALUE_TEXT = {
@@ -514,7 +526,7 @@ Model = type[FHIRAbstractModel]
 
 
 @dataclass(frozen=True, slots=True)
-class _Element:
+class Element:
     """One element of a model, as the JSON sees it."""
 
     key: str  # JSON name, e.g. "birthDate", "_birthDate", "valueQuantity"
@@ -529,14 +541,15 @@ class _Element:
 
 
 @cache
-def _elements(model: Model) -> tuple[_Element, ...]:
+def model_elements(model: Model) -> tuple[Element, ...]:
+    """Every element of `model` under its JSON names (`_x` companions included), read once."""
     out = []
     for name, field in model.model_fields.items():
         key = field.alias or name
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         if name == "fhir_comments":
             # Not an R4 element; the library accepts it (it was DSTU2's JSON comments).
-            out.append(_Element(key, False, None, False, "fhir_comments", False, False, None,
+            out.append(Element(key, False, None, False, "fhir_comments", False, False, None,
                                 False))
             continue
         annotation, repeats = _unwrap(field.annotation)
@@ -549,7 +562,7 @@ def _elements(model: Model) -> tuple[_Element, ...]:
             model_type = annotation.get_model_klass()
         else:
             primitive = _primitive_name(annotation, f"{model.__name__}.{key}")
-        out.append(_Element(
+        out.append(Element(
             key=key,
             repeats=repeats,
             model=model_type,
@@ -600,7 +613,9 @@ def _primitive_name(annotation: Any, where: str) -> str:
     raise TypeError(f"cannot map the type of {where} to a FHIR primitive: {annotation!r}")
 
 
-def _model_for(rtype: str) -> Model | None:
+def resource_model(rtype: str) -> Model | None:
+    """The model of an R4 resource type; None for unknown types and those without an R4 model
+    (`R4_ONLY_TYPES`, Evidence, EvidenceVariable)."""
     # Imported on first use: importing every R4B model up front takes over a second.
     if rtype in _BASE_ONLY or rtype not in R4_RESOURCE_TYPES:
         return None
@@ -613,7 +628,7 @@ def element_repeats(resource_type: str, keys: Sequence[str]) -> bool | None:
     ("name",) of Patient → True, ("name", "family") → False, unknown element → None. Used by
     FHIRPath Patch to know whether `add` appends to a list or sets a single value.
     """
-    model = _model_for(resource_type)
+    model = resource_model(resource_type)
     if model is None or not keys:
         return None
     for depth, key in enumerate(keys):
@@ -712,7 +727,7 @@ def _element_rules(model: Model) -> Any:
     (present as `x` or, with only extensions, as `_x`)."""
     groups: dict[str, tuple[bool, set[str]]] = {}
     required: list[str] = []
-    for e in _elements(model):
+    for e in model_elements(model):
         if e.choice:
             groups.setdefault(e.choice, (e.choice_required, set()))[1].add(e.key)
         if e.required_primitive:
@@ -783,7 +798,7 @@ class _SchemaBuilder:
 
     def _fields(self, model: Model) -> dict[str, cs.TypedDictField]:
         fields: dict[str, cs.TypedDictField] = {}
-        for e in _elements(model):
+        for e in model_elements(model):
             if e.any_resource:
                 item: cs.CoreSchema = cs.no_info_plain_validator_function(_any_resource)
             elif e.model is not None:
@@ -828,5 +843,5 @@ def _validator(rtype: str) -> SchemaValidator:
     """The compiled validator of one resource type, built on first use (a few ms each)."""
     found = _VALIDATORS.get(rtype)
     if found is None:
-        found = _VALIDATORS[rtype] = _SchemaBuilder().validator(_model_for(rtype), rtype)
+        found = _VALIDATORS[rtype] = _SchemaBuilder().validator(resource_model(rtype), rtype)
     return found
