@@ -13,10 +13,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["FHIRQ"] = settings or get_settings()
 
-    from api import auth, errors, fhir, health, jobs, metrics, ui
+    from api import auth, errors, fhir, health, ids, jobs, metrics, ui
 
     errors.register(app)
     auth.register(app)  # first of the before_request hooks: everything after knows g.owner
+    ids.register(app)  # then path ids, before any view or hook uses one
     app.register_blueprint(health.bp)
     app.register_blueprint(fhir.bp)
     jobs.register(app)

@@ -5,10 +5,12 @@ A `before_request` hook reads `Authorization: Bearer <token>` (an API key or a J
 `flask.g.owner` (and `g.principal`), which the job endpoints filter on. With `FHIRQ_AUTH=off`
 every request runs as owner `anonymous` with every scope.
 
-Open without a token: GET / HEAD of `/healthz`, `/readyz`, `/metrics` (probes and scrapers
-carry no tokens), `/fhir/metadata` (SMART makes the CapabilityStatement public so clients
-can discover how to authenticate) and `/ui` (a static page: its own requests carry the token);
-CORS preflights (`OPTIONS`).
+Open without a token: GET / HEAD of `/healthz`, `/readyz` (probes carry no tokens),
+`/fhir/metadata` (SMART makes the CapabilityStatement public so clients can discover how to
+authenticate) and `/ui` (a static page: its own requests carry the token); CORS preflights
+(`OPTIONS`). `/metrics` counts the jobs of every owner, so it takes a scraper's credentials: a
+token with the scope `system/metrics.read` (no other scope implies it), or the shared secret
+FHIRQ_METRICS_TOKEN as the bearer token.
 
 What a route needs (SMART v2 letters; v1 `read` = `rs`, `write` = `cud`):
 
@@ -23,23 +25,29 @@ What a route needs (SMART v2 letters; v1 `read` = `rs`, `write` = `cud`):
 | `PATCH /fhir/T/id` / `DELETE /fhir/T/id` | `u` / `d` on T |
 | `PUT` / `PATCH` / `DELETE /fhir/T?…` (conditional) | `cus` / `us` / `ds` on T |
 | job status, results, lists (`/fhir/_async/…`, `/jobs…`) | `r` on `*` |
-| cancel (`DELETE /fhir/_async/…`), `POST /jobs/…/retry` | `cud` on `*` |
+| cancel (`DELETE /fhir/_async/…`) | `cud` on `*` |
+| `POST /jobs/…/retry` (re-runs bundle entries, which may read) | `cruds` on `*` |
+| `GET /metrics` | `system/metrics.read`, or FHIRQ_METRICS_TOKEN |
 
 A Bundle is checked at its envelope: its entries may read, search and write any type, and
 looking inside would mean parsing a body that an async submission streams straight to the job
 store. So bundles need read and write on every type: `system/*.*` (or `system/*.read` plus
-`system/*.write`). Any other route needs `r` on `*` for GET/HEAD and `cud` on `*` otherwise.
+`system/*.write`), which also allows every REST call; an entry can therefore never do what the
+same key could not do through REST. Batch upsert elements are PUTs by (checked) id, which `cu`
+on `*` allows through REST too. Any other route needs `r` on `*` for GET/HEAD and `cud` on `*`
+otherwise. Ids in paths are checked right after this hook (`api.ids`), before any view runs.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 
 from flask import Flask, Request, Response, current_app, g, request
 
 from api.http import fhir_response
 from core.auth import ANONYMOUS, Principal, authenticate, check_settings
-from core.auth.scopes import Requirement, scope_hint, v1_scopes
+from core.auth.scopes import METRICS, Requirement, grants_metrics, scope_hint, v1_scopes
 from core.config import Settings
 from core.errors import FhirError, Forbidden, Unauthorized
 from core.fhir.outcome import from_error
@@ -49,7 +57,8 @@ __all__ = ["OPEN_PATHS", "register", "requirement"]
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/fhir/metadata", "/ui"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/fhir/metadata", "/ui"})
+METRICS_ENDPOINT = "metrics.metrics"
 REALM = "fhirq"
 
 _R = Requirement.of
@@ -63,7 +72,7 @@ _BY_ENDPOINT: dict[str, Requirement] = {
     "jobs.show": _JOB_READ,
     "jobs.entries": _JOB_READ,
     "job_status.cancel": _JOB_CONTROL,
-    "jobs.retry": _JOB_CONTROL,
+    "jobs.retry": _R("*", "cruds"),
 }
 # Per resource type (the route's `rtype`): letters by endpoint, or by method for the endpoint
 # that serves several.
@@ -151,17 +160,36 @@ def _authenticate() -> Response | None:
         token = _bearer(request)
     except Unauthorized as err:
         return _challenge(err)  # no token: no `error` attribute (RFC 6750 §3.1)
+    scrape = request.endpoint == METRICS_ENDPOINT
+    if scrape and _is_metrics_token(token, settings):
+        g.owner, g.principal = "metrics", Principal("metrics", (METRICS,), "metrics-token")
+        return None
     try:
         principal: Principal = authenticate(token, settings, get_engine())
     except Unauthorized as err:
         log.info("bearer token refused: %s", err.diagnostics)
         return _challenge(err, error="invalid_token", error_description=err.diagnostics)
-    need = requirement(request)
-    if need is not None and not principal.allows(need):
-        err = Forbidden(
-            f"The token's scopes ({' '.join(principal.scopes) or 'none'}) do not allow this "
-            f"request; it needs {scope_hint(need)}"
-        )
-        return _challenge(err, error="insufficient_scope", scope=" ".join(v1_scopes(need)))
+    if scrape:
+        if not grants_metrics(principal.scopes):
+            return _insufficient(principal, METRICS, [METRICS])
+    else:
+        need = requirement(request)
+        if need is not None and not principal.allows(need):
+            return _insufficient(principal, scope_hint(need), v1_scopes(need))
     g.owner, g.principal = principal.owner, principal
     return None
+
+
+def _is_metrics_token(token: str, settings: Settings) -> bool:
+    expected = settings.metrics_token
+    if not expected:
+        return False
+    return hmac.compare_digest(token.encode(), expected.encode())
+
+
+def _insufficient(principal: Principal, hint: str, scopes: list[str]) -> Response:
+    err = Forbidden(
+        f"The token's scopes ({' '.join(principal.scopes) or 'none'}) do not allow this "
+        f"request; it needs {hint}"
+    )
+    return _challenge(err, error="insufficient_scope", scope=" ".join(scopes))

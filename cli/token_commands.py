@@ -57,7 +57,8 @@ def token() -> None:
     multiple=True,
     required=True,
     help="SMART system scope, e.g. 'system/*.*', 'system/*.read', 'system/Patient.write', "
-    "'system/*.cruds'. Repeat, or separate with spaces.",
+    "'system/*.cruds'; 'system/metrics.read' for a Prometheus scraper. Repeat, or separate "
+    "with spaces.",
 )
 @click.option("--name", default=None, help="A note saying what the key is for.")
 def create(owner: str, scopes: tuple[str, ...], name: str | None) -> None:

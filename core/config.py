@@ -122,6 +122,12 @@ class Settings:
     jwt_audience: str | None = field(
         default_factory=lambda: os.environ.get("FHIRQ_JWT_AUDIENCE") or None
     )
+    # With authentication required, `/metrics` (it counts every owner's jobs) answers a token
+    # with the scope `system/metrics.read`, or this shared secret sent as the bearer token
+    # (what a Prometheus scrape config holds).
+    metrics_token: str | None = field(
+        default_factory=lambda: os.environ.get("FHIRQ_METRICS_TOKEN") or None, repr=False
+    )
 
 
 def get_settings() -> Settings:

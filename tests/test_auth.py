@@ -125,7 +125,7 @@ def test_scope_hint_names_v1_and_v2_scopes() -> None:
         ("GET", "/jobs", {}, ("*", "r")),
         ("GET", "/jobs/abc", {}, ("*", "r")),
         ("GET", "/jobs/abc/entries", {}, ("*", "r")),
-        ("POST", "/jobs/abc/retry", {}, ("*", "cud")),
+        ("POST", "/jobs/abc/retry", {}, ("*", "cruds")),
         ("GET", "/no/such/route", {}, None),
     ],
 )

@@ -115,6 +115,10 @@ def test_up_serves_stops_cleanly_and_keeps_its_data(tmp_path: Path) -> None:
     with _up(data_dir, port, log) as up:
         _wait_ready(up, base, log)
         assert httpx.get(f"{base}/readyz", timeout=5, trust_env=False).status_code == 200
+        # No authentication on loopback: /metrics, with the summed latency histograms, is open.
+        scrape = httpx.get(f"{base}/metrics", timeout=10, trust_env=False)
+        assert scrape.status_code == 200
+        assert "fhirq_http_request_duration_seconds_count" in scrape.text
         output = log.read_text()
         assert f"{base}/fhir" in output
         assert f"curl -s -X POST {base}/fhir" in output

@@ -175,14 +175,20 @@ def test_request_latency_histogram_by_route_template(api: Any) -> None:
     assert count(after, "/jobs/<job_id>", "404") - count(before, "/jobs/<job_id>", "404") == 2
 
 
-def test_metrics_and_ui_are_open_routes_when_auth_is_required(clean_db: Engine) -> None:
+def test_ui_is_open_and_metrics_needs_a_scrape_token_when_auth_is_required(
+    clean_db: Engine,
+) -> None:
     from api import create_app
 
-    app = create_app(replace(get_settings(), auth="required"))
+    app = create_app(replace(get_settings(), auth="required", metrics_token="scrape-secret"))
     client = app.test_client()
-    assert client.get("/metrics", buffered=True).status_code == 200
     assert client.get("/ui", buffered=True).status_code == 200
     assert client.get("/jobs", buffered=True).status_code == 401
+    # It counts every owner's jobs: tests/test_auth_matrix.py covers who may scrape.
+    assert client.get("/metrics", buffered=True).status_code == 401
+    scraped = client.get("/metrics", buffered=True,
+                         headers={"Authorization": "Bearer scrape-secret"})
+    assert scraped.status_code == 200 and b"fhirq_jobs" in scraped.data
 
 
 # --------------------------------------------------------------------------- a real gunicorn

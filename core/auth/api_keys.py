@@ -20,7 +20,7 @@ from datetime import datetime
 
 from sqlalchemy import Connection, func, insert, select, update
 
-from core.auth.scopes import parse_scope
+from core.auth.scopes import METRICS, is_known_scope
 from core.store.schema import api_key
 
 __all__ = [
@@ -95,11 +95,11 @@ def create_key(
     scopes = tuple(dict.fromkeys(s for scope in scopes for s in scope.split()))
     if not scopes:
         raise ValueError("a key needs at least one scope, e.g. 'system/*.read'")
-    useless = [s for s in scopes if parse_scope(s) is None]
+    useless = [s for s in scopes if not is_known_scope(s)]
     if useless:
         raise ValueError(
             f"not a SMART system scope: {', '.join(useless)} (use e.g. system/*.read, "
-            "system/Patient.write, system/*.* or v2 letters system/*.cruds)"
+            f"system/Patient.write, system/*.*, v2 letters system/*.cruds, or {METRICS})"
         )
     key_id = secrets.token_hex(8)
     token = f"{PREFIX}{key_id}_{secrets.token_urlsafe(32)}"

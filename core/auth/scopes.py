@@ -11,6 +11,10 @@ r read / vread, u update / patch, d delete, s search / history. v1 `read` grants
 grants `cud`, `*` grants all five. `patient/` and `user/` scopes, v2 scopes narrowed by a query
 (`system/Observation.rs?category=laboratory`) and non-resource scopes (`openid`) grant nothing:
 fhirq cannot enforce what they restrict, so it does not pretend to.
+
+One scope is not about resources: `system/metrics.read` lets a scraper read `/metrics`, which
+counts the jobs of every owner. No resource scope implies it (`system/*.*` included), and it
+grants nothing else.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ from dataclasses import dataclass
 
 __all__ = [
     "ALL",
+    "METRICS",
     "READ",
     "WRITE",
     "Grant",
     "Requirement",
     "allows",
+    "grants_metrics",
+    "is_known_scope",
     "parse_scope",
     "parse_scopes",
     "scope_hint",
@@ -36,6 +43,7 @@ LETTERS = "cruds"
 ALL = frozenset(LETTERS)
 READ = frozenset("rs")
 WRITE = frozenset("cud")
+METRICS = "system/metrics.read"
 _V1 = {"read": READ, "write": WRITE, "*": ALL}
 _SCOPE = re.compile(r"system/(?P<type>\*|[A-Z][A-Za-z]*)\.(?P<access>read|write|\*|[cruds]+)")
 
@@ -82,6 +90,16 @@ def parse_scope(scope: str) -> Grant | None:
 
 def parse_scopes(scopes: Iterable[str]) -> tuple[Grant, ...]:
     return tuple(g for g in map(parse_scope, scopes) if g is not None)
+
+
+def grants_metrics(scopes: Iterable[str]) -> bool:
+    """True when `scopes` hold the scrape scope."""
+    return any(s.strip() == METRICS for s in scopes)
+
+
+def is_known_scope(scope: str) -> bool:
+    """True for a scope that grants something here (a resource scope or the scrape scope)."""
+    return scope.strip() == METRICS or parse_scope(scope) is not None
 
 
 def allows(grants: Iterable[Grant], need: Requirement) -> bool:
