@@ -321,6 +321,10 @@ def _seed_004_r4() -> dict[str, Any]:
     }
 
 
+def _count_patients(client: Any) -> int:
+    return send(client, "GET", "/fhir/Patient?_summary=count").json["total"]
+
+
 def test_seed_004_fhir_example_transaction(client: Any) -> None:
     # Patient/123a must be at version 2 for the ifMatch entry to apply.
     send(client, "PUT", "/fhir/Patient/123a", {"resourceType": "Patient", "id": "123a"})
@@ -330,7 +334,25 @@ def test_seed_004_fhir_example_transaction(client: Any) -> None:
         "/fhir/Patient/123a",
         {"resourceType": "Patient", "id": "123a", "active": False},
     )
-    r = send(client, "POST", "/fhir", _seed_004_r4())
+    before = _count_patients(client)
+    # As published, the example breaks two R4 rules, each failing the whole transaction:
+    # entries 1 (ifNoneExist identifier=234234) and 3 (PUT Patient?identifier=234234) touch
+    # one resource, and entry 8 reads a patient that does not exist.
+    example = _seed_004_r4()
+    r = send(client, "POST", "/fhir", example)
+    assert r.status_code == 400, r.json
+    assert r.json["issue"][0]["expression"] == [
+        "Bundle.entry[1].request.ifNoneExist",
+        "Bundle.entry[3].request.url",
+    ]
+    example["entry"][3]["request"]["url"] = "Patient?identifier=234235"
+    r = send(client, "POST", "/fhir", example)
+    assert r.status_code == 404, r.json
+    assert r.json["issue"][0]["expression"] == ["Bundle.entry[8].request.url"]
+    assert _count_patients(client) == before, "nothing written"
+
+    send(client, "PUT", "/fhir/Patient/12334", {"resourceType": "Patient", "id": "12334"})
+    r = send(client, "POST", "/fhir", example)
     assert r.status_code == 200, r.json
     statuses = [e["response"]["status"] for e in r.json["entry"]]
     assert statuses == [
@@ -342,7 +364,7 @@ def test_seed_004_fhir_example_transaction(client: Any) -> None:
         "204 No Content",
         "204 No Content",
         "200 OK",
-        "404 Not Found",
+        "200 OK",
     ]
     search = r.json["entry"][7]["resource"]
     assert search["type"] == "searchset" and search["total"] == 5  # all five Peters

@@ -1,4 +1,4 @@
-"""Execution: run planned `Step`s against the store, set-based.
+"""Execution: run a plan (core.fhir.planning) against the store, set-based.
 
 A chunk of steps costs a handful of statements whatever its size: one for advisory locks on
 conditions, one per resource type to resolve conditions and conditional references, one to
@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -25,8 +26,17 @@ from core.errors import BadRequest, FhirError, Gone, NotFound, PreconditionFaile
 from core.fhir import outcome as oo
 from core.fhir.model import Context, EntryResult
 from core.fhir.patch import apply_fhirpath_patch, apply_json_patch, decode_binary_patch
-from core.fhir.planning import Step, condition_key, new_id
+from core.fhir.planning import (
+    WRITE_PHASES,
+    BatchPlan,
+    Condition,
+    PlannedEntry,
+    TransactionPlan,
+    check_overlap,
+    touch_at,
+)
 from core.fhir.references import (
+    ReferenceScan,
     is_conditional_reference,
     is_placeholder,
     literal_target,
@@ -40,7 +50,7 @@ from core.fhir.urls import parse_query_string
 from core.fhir.validation import validate_resource
 from core.store import repository as repo
 
-__all__ = ["run_batch", "run_transaction", "stored_form"]
+__all__ = ["Step", "run_batch", "run_transaction", "stored_form"]
 
 Key = tuple[str, str]
 
@@ -60,6 +70,45 @@ def stored_form(resource: dict[str, Any], resource_type: str, res_id: str) -> di
     return out
 
 
+@dataclass(slots=True)
+class Step:
+    """A planned entry while it runs: the id it ended up with, its (rewritten or patched)
+    resource, the references found in it, and its result."""
+
+    entry: PlannedEntry
+    index: int
+    kind: str
+    expr: str
+    resource_type: str
+    id: str | None
+    resource: dict[str, Any] | None
+    matched: bool = False  # ifNoneExist found the resource: answer with it, write nothing
+    scan: ReferenceScan | None = None
+    refs: list[str] = field(default_factory=list)
+    result: EntryResult | None = None
+
+    @classmethod
+    def of(cls, entry: PlannedEntry) -> Step:
+        return cls(entry, entry.index, entry.kind, entry.expr, entry.resource_type, entry.id,
+                   entry.resource)
+
+    @property
+    def key(self) -> Key | None:
+        return (self.resource_type, self.id) if self.id is not None else None
+
+    @property
+    def writes(self) -> bool:
+        return self.kind in _WRITES and not self.matched
+
+    def fail(self, err: FhirError) -> None:
+        if err.index is None:
+            err.index = self.index
+        self.result = EntryResult(self.index, err.status, outcome=oo.from_error(err))
+
+
+_WRITES = frozenset({"create", "update", "patch", "delete"})
+
+
 class _Failures:
     """Where a step's error goes: recorded (batch) or raised (transaction)."""
 
@@ -76,15 +125,13 @@ class _Failures:
 # --------------------------------------------------------------------------- public entry points
 
 
-def run_batch(conn: Connection, steps: list[Step], ctx: Context) -> None:
-    """Run independent steps; failures are recorded on the steps."""
+def run_batch(conn: Connection, plan: BatchPlan, ctx: Context) -> list[EntryResult]:
+    """Run a batch chunk's independent entries; one result per entry, in request order.
+    A failing entry gets an error result and never affects the others."""
     fail = _Failures(transaction=False)
-    live = [s for s in steps if s.result is None]
-    repo.lock_conditions(conn, _conditions(live))
-    _resolve_conditions(conn, [s for s in live if _is_conditional(s)], fail, transaction=False)
-    for s in live:
-        if s.kind == "create" and s.id is None and s.result is None:
-            s.id = new_id()
+    live = [Step.of(e) for e in plan.entries]
+    repo.lock_conditions(conn, plan.locks)
+    _resolve_conditions(conn, plan, [s for s in live if _is_conditional(s)], fail)
     writers = [s for s in live if s.result is None and s.writes]
     _resolve_references(conn, writers, None, fail)
     _check_targets(conn, [s for s in writers if s.result is None], fail)
@@ -102,85 +149,102 @@ def run_batch(conn: Connection, steps: list[Step], ctx: Context) -> None:
     for s in live:
         if s.result is None:
             _read(conn, s, fail, ctx)
+    results = {s.index: s.result for s in live}
+    out: list[EntryResult] = []
+    for index in plan.indexes:
+        err = plan.failures.get(index)
+        result = EntryResult(index, err.status, outcome=oo.from_error(err)) if err else (
+            results.get(index))
+        assert result is not None, f"entry {index} produced no result"
+        out.append(result)
+    return out
 
 
-def run_transaction(conn: Connection, steps: list[Step], ctx: Context) -> None:
-    """Run all steps atomically in the caller's transaction; raises the first FhirError."""
+def run_transaction(conn: Connection, plan: TransactionPlan, ctx: Context) -> list[EntryResult]:
+    """Run a transaction's plan atomically in the caller's DB transaction; one result per
+    entry in request order. Raises the first FhirError (the caller rolls back)."""
     fail = _Failures(transaction=True)
-    repo.lock_conditions(conn, _conditions(steps))
-    by_method: dict[str, list[Step]] = defaultdict(list)
-    for s in steps:
-        by_method[s.method].append(s)
-    deletes = by_method["DELETE"]
-    _resolve_conditions(conn, [s for s in deletes if s.condition is not None], fail, True)
-    _check_overlap([s for s in deletes if s.result is None])
-    _write(conn, [s for s in deletes if s.result is None], fail, ctx)
-
-    others = by_method["POST"] + by_method["PUT"] + by_method["PATCH"]
-    _resolve_conditions(conn, [s for s in others if _is_conditional(s)], fail, True)
-    for s in others:
-        if s.id is None:  # plain create
-            s.id = new_id()
-    _check_overlap([s for s in deletes + others if s.writes and s.result is None])
-    placeholders = {
-        s.full_url: f"{s.resource_type}/{s.id}" for s in others if s.full_url and s.id is not None
-    }
-    writers = [s for s in others if s.writes]
-    _resolve_references(conn, writers, placeholders, fail)
-    _check_targets(conn, writers, fail)
-    _write(conn, writers, fail, ctx)
+    steps = {e.index: Step.of(e) for e in plan.entries}
+    ordered = [steps[i] for i in plan.order]
+    writers = [s for s in ordered if s.entry.phase < WRITE_PHASES]
+    repo.lock_conditions(conn, plan.locks)
+    # Every condition is looked up in the store as it was before this transaction, so what one
+    # entry resolves to never depends on another entry's effect (they may not overlap anyway).
+    _resolve_conditions(conn, plan, [s for s in writers if _is_conditional(s)], fail)
+    check_overlap(_touches(writers))
+    _write(conn, [s for s in writers if s.kind == "delete"], fail, ctx)
+    others = [s for s in writers if s.kind != "delete"]
+    placeholders = {}
+    for full_url, index in plan.placeholders.items():
+        target = steps[index]
+        if target.id is not None:
+            placeholders[full_url] = f"{target.resource_type}/{target.id}"
+    live = [s for s in others if s.writes]
+    _resolve_references(conn, live, placeholders, fail)
+    _check_targets(conn, live, fail)
+    _write(conn, live, fail, ctx)
     _answer_matches(conn, [s for s in others if s.matched])
-    # Reads change nothing, so a failed read is reported in its entry and does not fail the
-    # transaction (as the FHIR spec's example transaction notes).
-    for s in by_method["GET"] + by_method["HEAD"]:
-        _read(conn, s, _Failures(transaction=False), ctx)
+    # Accept all or reject all: a read that fails fails the transaction too.
+    for s in ordered[len(writers):]:
+        _read(conn, s, fail, ctx)
+    out = []
+    for e in plan.entries:
+        result = steps[e.index].result
+        assert result is not None, f"entry {e.index} produced no result"
+        out.append(result)
+    return out
+
+
+def _touches(writers: list[Step]) -> Iterable[tuple[int, str, str]]:
+    """The identities of steps 1-3 once conditions are resolved: the plan's (literal ids,
+    condition keys) and every resolved target."""
+    for s in writers:
+        e = s.entry
+        for identity in e.touches:
+            yield s.index, touch_at(e, identity), identity
+        if e.condition is not None and s.id is not None:
+            yield s.index, e.condition_at, f"{s.resource_type}/{s.id}"
 
 
 # --------------------------------------------------------------------------- conditions
 
 
 def _is_conditional(step: Step) -> bool:
-    return step.if_none_exist is not None or (step.condition is not None and step.writes)
-
-
-def _query_of(step: Step) -> list[tuple[str, str]]:
-    return step.if_none_exist if step.if_none_exist is not None else (step.condition or [])
-
-
-def _conditions(steps: Iterable[Step]) -> list[str]:
-    return [
-        condition_key(s.resource_type, _query_of(s))
-        for s in steps
-        if s.result is None and _is_conditional(s) and s.kind in ("create", "update")
-    ]
+    return step.entry.condition is not None and step.result is None
 
 
 def _resolve_conditions(
-    conn: Connection, steps: list[Step], fail: _Failures, transaction: bool
+    conn: Connection, plan: TransactionPlan | BatchPlan, steps: list[Step], fail: _Failures
 ) -> None:
     """Give each conditional step its target id (or none), per FHIR http.html#cond-update."""
-    by_type: dict[str, list[Step]] = defaultdict(list)
-    for s in steps:
-        if s.result is None:
-            by_type[s.resource_type].append(s)
+    if not steps:
+        return
+    by_type: dict[str, list[Condition]] = defaultdict(list)
+    for c in plan.conditions:
+        by_type[c.resource_type].append(c)
+    found: dict[str, list[str]] = {}
+    for resource_type, conditions in by_type.items():
+        ids = find_ids_many(conn, resource_type, [list(c.query) for c in conditions])
+        found.update(zip((c.key for c in conditions), ids, strict=True))
     leaders: dict[str, Step] = {}
-    for resource_type, group in by_type.items():
-        found = find_ids_many(conn, resource_type, [_query_of(s) for s in group])
-        for s, ids in zip(group, found, strict=True):
-            # A create and an update on one condition stay two writes; only the same kind twice
-            # shares the first one's target.
-            key = s.kind + " " + condition_key(resource_type, _query_of(s))
-            try:
-                _apply_match(s, ids, leaders.get(key))
-            except FhirError as err:
-                fail(s, err)
-                continue
-            if not ids and s.kind in ("create", "update") and key not in leaders:
-                leaders[key] = s
+    for s in steps:
+        cond = s.entry.condition
+        assert cond is not None
+        ids = found[cond.key]
+        # A create and an update on one condition stay two writes; only the same kind twice
+        # (possible in a batch only) shares the first one's target.
+        key = s.kind + " " + cond.key
+        try:
+            _apply_match(s, ids, leaders.get(key))
+        except FhirError as err:
+            fail(s, err)
+            continue
+        if not ids and s.kind in ("create", "update") and key not in leaders:
+            leaders[key] = s
 
 
 def _apply_match(s: Step, ids: list[str], leader: Step | None) -> None:
-    where = f"{s.expr}.request.{'ifNoneExist' if s.if_none_exist is not None else 'url'}"
+    where = s.entry.condition_at
     if len(ids) > 1:
         raise PreconditionFailed(
             f"The condition matches {len(ids)} resources; it must match one at most",
@@ -192,10 +256,9 @@ def _apply_match(s: Step, ids: list[str], leader: Step | None) -> None:
             s.id, s.matched = ids[0], True
         elif leader is not None:  # same condition earlier in this chunk: that one creates
             s.id, s.matched = leader.id, True
-        else:
-            s.id = new_id()
+        # else: the id the plan assigned
     elif s.kind == "update":
-        body_id = s.extra.get("body_id")
+        body_id = s.entry.body_id
         if ids:
             if body_id is not None and body_id != ids[0]:
                 raise BadRequest(
@@ -203,8 +266,9 @@ def _apply_match(s: Step, ids: list[str], leader: Step | None) -> None:
                     expression=f"{s.expr}.resource.id",
                 )
             s.id = ids[0]
-        else:
-            s.id = leader.id if leader is not None else (body_id or new_id())
+        elif leader is not None:
+            s.id = leader.id
+        # else: the body's id, or the one the plan assigned
     elif s.kind == "patch":
         if not ids:
             raise NotFound("No resource matches the conditional patch", expression=where)
@@ -214,21 +278,6 @@ def _apply_match(s: Step, ids: list[str], leader: Step | None) -> None:
             s.id = ids[0]
         else:  # nothing to delete is a successful delete
             s.result = EntryResult(s.index, 204, outcome=oo.informational("No match to delete"))
-
-
-def _check_overlap(steps: list[Step]) -> None:
-    seen: dict[Key, Step] = {}
-    for s in sorted(steps, key=lambda x: x.index):
-        if s.key is None:
-            continue
-        if s.key in seen:
-            raise BadRequest(
-                f"{s.key[0]}/{s.key[1]} is touched by entries {seen[s.key].index} and {s.index};"
-                " a transaction may touch a resource once",
-                expression=f"{s.expr}.request.url",
-                index=s.index,
-            )
-        seen[s.key] = s
 
 
 # --------------------------------------------------------------------------- references
@@ -247,9 +296,8 @@ def _resolve_references(
             except FhirError as err:
                 fail(s, err)
                 continue
-            s.extra["scan"] = scan
-            refs = s.extra["refs"] = scan.references
-            for ref in refs:
+            s.scan, s.refs = scan, scan.references
+            for ref in s.refs:
                 if is_conditional_reference(ref):
                     conditional[ref].append(s)
     resolved: dict[str, str] = {}
@@ -288,14 +336,15 @@ def _resolve_references(
     mapping.update(resolved)
     for s in steps:
         if s.result is None and s.resource is not None and s.kind != "patch":
-            refs = s.extra["refs"]
-            rewritten = rewrite_references(s.extra.pop("scan"), mapping)
+            assert s.scan is not None
+            rewritten = rewrite_references(s.scan, mapping)
+            s.scan = None
             if rewritten is not None:
                 s.resource = rewritten
-                refs = s.extra["refs"] = [mapping.get(r, r) for r in refs]
+                s.refs = [mapping.get(r, r) for r in s.refs]
             if placeholders is None:  # batch: placeholders between entries are not resolved
                 continue
-            for ref in refs:
+            for ref in s.refs:
                 if is_placeholder(ref):
                     fail(
                         s,
@@ -324,7 +373,7 @@ def _check_targets(conn: Connection, steps: list[Step], fail: _Failures) -> None
     for s in steps:
         if s.result is not None or s.resource is None or s.kind == "patch":
             continue
-        for ref in s.extra.get("refs", ()):
+        for ref in s.refs:
             target = literal_target(ref)
             if target is not None and target not in written:
                 wanted[target].append(s)
@@ -353,7 +402,7 @@ def _write(conn: Connection, steps: list[Step], fail: _Failures, ctx: Context) -
     steps = [s for s in steps if s.result is None and s.writes]
     if not steps:
         return
-    needs_state = [s for s in steps if s.kind == "patch" or s.if_match is not None]
+    needs_state = [s for s in steps if s.kind == "patch" or s.entry.if_match is not None]
     if needs_state:
         current = repo.lock_current(
             conn,
@@ -386,7 +435,7 @@ def _write(conn: Connection, steps: list[Step], fail: _Failures, ctx: Context) -
         if s.result is not None or s.kind == "delete" or s.key is None:
             continue
         content = stored_form(s.resource or {}, s.resource_type, s.key[1])
-        rows.append((s, repo.WriteRow(s.key, content, s.method, extract_index(content))))
+        rows.append((s, repo.WriteRow(s.key, content, s.entry.method, extract_index(content))))
     if not rows:
         return
     written = repo.write_resources(conn, [r for _, r in rows])
@@ -411,10 +460,11 @@ def _informational(text: str) -> dict[str, Any]:
 
 def _check_state(s: Step, cur: repo.Current | None) -> None:
     exists = cur is not None and not cur.deleted
-    if s.if_match is not None and (not exists or cur is None or cur.version != s.if_match):
+    want = s.entry.if_match
+    if want is not None and (not exists or cur is None or str(cur.version) != want):
         have = "no current version" if not exists or cur is None else f'W/"{cur.version}"'
         raise PreconditionFailed(
-            f'ifMatch W/"{s.if_match}" does not match the current version ({have})',
+            f'ifMatch W/"{want}" does not match the current version ({have})',
             expression=f"{s.expr}.request.ifMatch",
         )
     if s.kind != "patch":
@@ -495,7 +545,7 @@ def _read(conn: Connection, s: Step, fail: _Failures, ctx: Context) -> None:
     except FhirError as err:
         fail(s, err)
         return
-    if s.head and s.result is not None:
+    if s.entry.head and s.result is not None:
         s.result.resource = None
 
 
@@ -512,15 +562,14 @@ def _read_one(conn: Connection, s: Step, ctx: Context) -> EntryResult:
 
 
 def _vread(conn: Connection, s: Step, ctx: Context) -> EntryResult:
-    assert s.key is not None and s.url.version is not None
-    if not s.url.version.isdigit():
-        raise NotFound(
-            f"Version '{s.url.version}' is not known", expression=f"{s.expr}.request.url"
-        )
-    cur = repo.read_version(conn, s.key, int(s.url.version))
+    version = s.entry.url.version
+    assert s.key is not None and version is not None
+    if not version.isdigit():
+        raise NotFound(f"Version '{version}' is not known", expression=f"{s.expr}.request.url")
+    cur = repo.read_version(conn, s.key, int(version))
     if cur is None:
         raise NotFound(
-            f"{s.key[0]}/{s.key[1]}/_history/{s.url.version} is not known",
+            f"{s.key[0]}/{s.key[1]}/_history/{version} is not known",
             expression=f"{s.expr}.request.url",
         )
     if cur.deleted:
@@ -535,7 +584,7 @@ def _vread(conn: Connection, s: Step, ctx: Context) -> EntryResult:
 
 def _history(conn: Connection, s: Step, ctx: Context) -> EntryResult:
     settings = get_settings()
-    params = dict(s.url.query or [])
+    params = dict(s.entry.url.query or ())
     try:
         count = min(
             int(params.get("_count", settings.search_default_count)), settings.search_max_count
@@ -577,7 +626,9 @@ def _history(conn: Connection, s: Step, ctx: Context) -> EntryResult:
 
 
 def _search(conn: Connection, s: Step, ctx: Context) -> EntryResult:
-    bundle = search(conn, s.resource_type, s.condition or [], base_url=ctx.base_url, strict=False)
+    bundle = search(
+        conn, s.resource_type, list(s.entry.search or ()), base_url=ctx.base_url, strict=False
+    )
     return EntryResult(s.index, 200, resource=bundle)
 
 

@@ -11,7 +11,7 @@ Patient/_search             search by POST
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
 from core.errors import BadRequest
@@ -20,18 +20,21 @@ __all__ = ["RequestUrl", "parse_request_url", "parse_query_string", "parse_etag"
 
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+# W/"vid", "vid" or a bare vid; vid has the FHIR id form (ASCII only: `\d` would take "²").
+_ETAG = re.compile(r'^(?:W/)?"([A-Za-z0-9\-.]{1,64})"$|^([A-Za-z0-9\-.]{1,64})$')
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class RequestUrl:
+    """What a request URL addresses; `query` is None when the URL has no `?` at all."""
+
     resource_type: str | None = None
     id: str | None = None
     version: str | None = None
     history: bool = False
     search: bool = False  # `Type/_search`
     operation: str | None = None  # `$lookup` and friends (not supported)
-    query: list[tuple[str, str]] | None = None  # present when the URL has `?`
-    extra: list[str] = field(default_factory=list)
+    query: tuple[tuple[str, str], ...] | None = None
 
     @property
     def is_conditional(self) -> bool:
@@ -48,7 +51,7 @@ def parse_request_url(url: str, *, expression: str = "url") -> RequestUrl:
     if not isinstance(url, str) or not url.strip():
         raise BadRequest("request.url is required", expression=expression, code="required")
     url = url.strip()
-    query: list[tuple[str, str]] | None = None
+    query: tuple[tuple[str, str], ...] | None = None
     if url.startswith(("http://", "https://")):
         parts = urlsplit(url)
         path, qs = parts.path, parts.query
@@ -57,67 +60,66 @@ def parse_request_url(url: str, *, expression: str = "url") -> RequestUrl:
         path, sep, qs = url.partition("?")
         has_query = bool(sep)
     if has_query:
-        query = parse_query_string(qs)
+        query = tuple(parse_query_string(qs))
     segments = [s for s in path.split("/") if s]
     # An absolute URL carries the base path before the resource type: drop it.
     while segments and not (_TYPE.match(segments[0]) or segments[0].startswith("$")):
         segments.pop(0)
-    out = RequestUrl(query=query)
     if not segments:
         if query is not None:
             raise BadRequest(
                 "A search or conditional URL needs a resource type", expression=expression
             )
-        return out
+        return RequestUrl(query=query)
     head = segments[0]
     if head.startswith("$"):
-        out.operation = head
-        return out
-    out.resource_type = head
+        return RequestUrl(operation=head, query=query)
     rest = segments[1:]
     if not rest:
-        return out
+        return RequestUrl(head, query=query)
     if rest[0] == "_search" and len(rest) == 1:
-        out.search = True
-        return out
+        return RequestUrl(head, search=True, query=query)
     if rest[0] == "_history":
         if len(rest) != 1:
             raise BadRequest(f"Unsupported URL '{url}'", expression=expression)
-        out.history = True
-        return out
+        return RequestUrl(head, history=True, query=query)
     if rest[0].startswith("$"):
-        out.operation = rest[0]
-        return out
+        return RequestUrl(head, operation=rest[0], query=query)
     if not _ID.match(rest[0]):
         raise BadRequest(
             f"'{rest[0]}' is not a valid resource id", expression=expression, code="value"
         )
-    out.id = rest[0]
-    rest = rest[1:]
+    rid, rest = rest[0], rest[1:]
     if not rest:
-        return out
+        return RequestUrl(head, rid, query=query)
     if rest[0].startswith("$") and len(rest) == 1:
-        out.operation = rest[0]
-        return out
+        return RequestUrl(head, rid, operation=rest[0], query=query)
     if rest[0] != "_history" or len(rest) > 2:
         raise BadRequest(f"Unsupported URL '{url}'", expression=expression)
     if len(rest) == 1:
-        out.history = True
-        return out
+        return RequestUrl(head, rid, history=True, query=query)
     if not _ID.match(rest[1]):
         raise BadRequest(f"'{rest[1]}' is not a valid version id", expression=expression)
-    out.version = rest[1]
-    return out
+    return RequestUrl(head, rid, version=rest[1], query=query)
 
 
-def parse_etag(value: str | None, *, expression: str = "ifMatch") -> int | None:
-    """`W/"3"` (or `"3"`, `3`) → 3. Raises BadRequest for anything else."""
+def parse_etag(value: object, *, expression: str = "ifMatch") -> str | None:
+    """`W/"3"` (or `"3"`, `3`) → "3": the version id an ETag names. None when absent.
+
+    Any id-form version (`W/"3a"`) is well formed: it simply matches no version this server
+    wrote, which is a failed precondition (412), not a bad request. Anything else — a JSON
+    number, a non-id character such as `²`, stray quotes — is a 400.
+    """
     if value is None or value == "":
         return None
-    raw = value.strip()
-    if raw.startswith("W/"):
-        raw = raw[2:]
-    raw = raw.strip('"')
-    if not raw.isdigit():
-        raise BadRequest(f"'{value}' is not a valid version ETag", expression=expression)
-    return int(raw)
+    if not isinstance(value, str):
+        raise BadRequest(
+            f"An ETag is a string such as 'W/\"1\"', not {type(value).__name__} {value!r}",
+            expression=expression,
+            code="value",
+        )
+    m = _ETAG.match(value.strip())
+    if m is None:
+        raise BadRequest(f"'{value}' is not a valid version ETag", expression=expression,
+                         code="value")
+    return m.group(1) or m.group(2)
