@@ -231,7 +231,7 @@ def search_post(rtype: str) -> Response:
 @bp.post("/<rtype>")
 def create(rtype: str) -> Response:
     _check_type(rtype)
-    return _rest("POST", rtype, resource=_body_resource(), write=True)
+    return _rest("POST", _url(rtype), resource=_body_resource(), write=True)
 
 
 @bp.route("/<rtype>", methods=["PUT", "PATCH", "DELETE"])
@@ -250,25 +250,25 @@ def conditional_write(rtype: str) -> Response:
 @bp.route("/<rtype>/<rid>", methods=["GET", "HEAD"])
 def read(rtype: str, rid: str) -> Response:
     _check_type(rtype)
-    return _rest(request.method, f"{rtype}/{rid}", write=False)
+    return _rest(request.method, _url(rtype, rid), write=False)
 
 
 @bp.put("/<rtype>/<rid>")
 def update(rtype: str, rid: str) -> Response:
     _check_type(rtype)
-    return _rest("PUT", f"{rtype}/{rid}", resource=_body_resource(), write=True)
+    return _rest("PUT", _url(rtype, rid), resource=_body_resource(), write=True)
 
 
 @bp.patch("/<rtype>/<rid>")
 def patch(rtype: str, rid: str) -> Response:
     _check_type(rtype)
-    return _rest("PATCH", f"{rtype}/{rid}", resource=_patch_body(), write=True)
+    return _rest("PATCH", _url(rtype, rid), resource=_patch_body(), write=True)
 
 
 @bp.delete("/<rtype>/<rid>")
 def delete(rtype: str, rid: str) -> Response:
     _check_type(rtype)
-    return _rest("DELETE", f"{rtype}/{rid}", write=True)
+    return _rest("DELETE", _url(rtype, rid), write=True)
 
 
 @bp.get("/<rtype>/<rid>/_history")
@@ -286,7 +286,7 @@ def history_type(rtype: str) -> Response:
 @bp.route("/<rtype>/<rid>/_history/<vid>", methods=["GET", "HEAD"])
 def vread(rtype: str, rid: str, vid: str) -> Response:
     _check_type(rtype)
-    return _rest(request.method, f"{rtype}/{rid}/_history/{vid}", write=False)
+    return _rest(request.method, _url(rtype, rid, "_history", vid), write=False)
 
 
 def _patch_body() -> dict[str, Any]:

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from tests.builders import (
+    batch,
     delete,
     get,
     ident,
@@ -352,3 +353,180 @@ def test_prefer_return(
     assert ("resource" in entry) is has_resource
     assert ("outcome" in entry["response"]) is has_outcome
     assert entry["response"]["location"].startswith("Patient/")
+
+
+# --------------------------------------------------------------------------- identity overlap
+
+
+def unchanged(engine: Any) -> tuple[int, int]:
+    return count(engine), count(engine, "SELECT count(*) FROM resource_history")
+
+
+def cond_put(value: str = "o1") -> dict[str, Any]:
+    return put(patient("Cond", identifier=ident(SYS, value)), f"Patient?identifier={SYS}|{value}")
+
+
+@pytest.mark.parametrize(
+    ("name", "matches", "entries"),
+    [
+        ("PUT and DELETE of one id", 0,
+         lambda pid: [put(patient("P", id="same")), delete("Patient/same")]),
+        ("PATCH and DELETE of an existing id", 1,
+         lambda pid: [json_patch(f"Patient/{pid}", [{"op": "add", "path": "/active",
+                                                      "value": True}]),
+                      delete(f"Patient/{pid}")]),
+        ("conditional update and ifNoneExist on one condition, no match", 0,
+         lambda pid: [cond_put(), post(patient(identifier=ident(SYS, "o1")),
+                                       if_none_exist=f"identifier={SYS}|o1")]),
+        ("conditional update and ifNoneExist on one condition, one match", 1,
+         lambda pid: [cond_put(), post(patient(identifier=ident(SYS, "o1")),
+                                       if_none_exist=f"identifier={SYS}|o1")]),
+        # Only the store knows these two are one resource: the conditional update resolves to
+        # the patient the DELETE names.
+        ("conditional update resolving to a deleted id", 1,
+         lambda pid: [cond_put(), delete(f"Patient/{pid}")]),
+        ("conditional delete resolving to an updated id", 1,
+         lambda pid: [delete(f"Patient?identifier={SYS}|o1"), put(patient("U", id=pid))]),
+        ("ifNoneExist resolving to a patched id", 1,
+         lambda pid: [post(patient(), if_none_exist=f"identifier={SYS}|o1"),
+                      json_patch(f"Patient/{pid}", [{"op": "add", "path": "/active",
+                                                     "value": True}])]),
+    ],
+)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_entries_touching_one_resource_fail_the_transaction(
+    client: Any, clean_db: Any, name: str, matches: int, entries: Any, reverse: bool
+) -> None:
+    pids = [seed(client, patient("Seed", identifier=ident(SYS, "o1")))[0]
+            for _ in range(matches)]
+    listed = entries(pids[0] if pids else "none")
+    if reverse:
+        listed.reverse()
+    before = unchanged(clean_db)
+    r = run(client, transaction(get("Patient?name=x"), *listed))
+    assert r.status_code == 400, (name, r.json)
+    expressions = r.json["issue"][0]["expression"]
+    assert [e.split(".request")[0].split(".resource")[0] for e in expressions] == [
+        "Bundle.entry[1]", "Bundle.entry[2]"], (name, expressions)
+    assert "touch" in r.json["issue"][0]["diagnostics"]
+    assert unchanged(clean_db) == before, f"{name}: the store changed"
+
+
+def test_a_batch_still_runs_writes_of_one_resource_in_order(client: Any, clean_db: Any) -> None:
+    r = run(client, batch(put(patient("P", id="b1")), delete("Patient/b1")))
+    assert [e["response"]["status"] for e in r.json["entry"]] == ["201 Created", "204 No Content"]
+
+
+# --------------------------------------------------------------------------- failing reads
+
+
+@pytest.mark.parametrize(
+    ("name", "read", "status"),
+    [
+        ("read of nothing", get("Patient/does-not-exist"), 404),
+        ("HEAD of nothing", {"request": {"method": "HEAD", "url": "Patient/does-not-exist"}}, 404),
+        ("read of a deleted resource", get("Patient/gone"), 410),
+        ("vread of an unknown version", get("Patient/gone/_history/9"), 404),
+        ("search with a bad value", get("Patient?birthdate=not-a-date"), 400),
+    ],
+)
+def test_a_failing_read_fails_the_transaction(
+    client: Any, clean_db: Any, name: str, read: dict[str, Any], status: int
+) -> None:
+    send(client, "PUT", "/fhir/Patient/gone", patient(id="gone"))
+    send(client, "DELETE", "/fhir/Patient/gone")
+    before = unchanged(clean_db)
+    r = run(client, transaction(post(patient("New")), put(patient("Put", id="p9")), read))
+    assert r.status_code == status, (name, r.json)
+    assert r.json["resourceType"] == "OperationOutcome"
+    assert "Bundle.entry[2].request.url" in r.json["issue"][0]["expression"], (name, r.json)
+    assert unchanged(clean_db) == before, f"{name}: the store changed"
+
+
+# --------------------------------------------------------------------------- ETags
+
+
+@pytest.mark.parametrize(
+    ("if_match", "status"),
+    [('W/"1"', 200), ('W/"3a"', 412), ('W/"2"', 412), ('W/"²"', 400), (3, 400), ('"1', 400)],
+)
+def test_if_match_in_a_bundle_and_over_rest(
+    client: Any, clean_db: Any, if_match: Any, status: int
+) -> None:
+    send(client, "PUT", "/fhir/Patient/e1", patient(id="e1"))
+    entry = put(patient("New", id="e1"))
+    entry["request"]["ifMatch"] = if_match
+    r = run(client, transaction(entry))
+    assert r.status_code == status, r.json
+    if status != 200:
+        assert r.json["issue"][0]["expression"] == ["Bundle.entry[0].request.ifMatch"]
+    if isinstance(if_match, str):
+        r = send(client, "PUT", "/fhir/Patient/e1", patient("Rest", id="e1"), **{
+            "If-Match": if_match if status != 200 else 'W/"2"'})
+        assert r.status_code == status, r.json
+        if status != 200:
+            assert r.json["issue"][0]["expression"] == ["If-Match"]
+
+
+# --------------------------------------------------------------------------- create by query
+
+
+def test_post_with_a_query_is_a_conditional_create_in_a_bundle(client: Any, clean_db: Any) -> None:
+    entry = {"resource": patient("Q", identifier=ident(SYS, "q1")),
+             "request": {"method": "POST", "url": f"Patient?identifier={SYS}|q1"}}
+    first = run(client, transaction(entry))
+    assert first.json["entry"][0]["response"]["status"] == "201 Created"
+    again = run(client, batch(entry))
+    assert again.json["entry"][0]["response"]["status"] == "200 OK"
+    assert again.json["entry"][0]["resource"]["id"] == first.json["entry"][0]["resource"]["id"]
+    assert count(clean_db) == 1
+
+
+def test_post_with_a_query_is_a_conditional_create_over_rest(client: Any, clean_db: Any) -> None:
+    # What fhirpy's get_or_create sends: the condition in the URL, no If-None-Exist.
+    url = f"/fhir/Patient?identifier={SYS}|q2"
+    body = patient("Q", identifier=ident(SYS, "q2"))
+    first = send(client, "POST", url, body)
+    assert first.status_code == 201, first.json
+    again = send(client, "POST", url, body)
+    assert again.status_code == 200, again.json
+    assert again.json["id"] == first.json["id"]
+    same = send(client, "POST", url, body, **{"If-None-Exist": f"identifier={SYS}|q2"})
+    assert same.status_code == 200
+    assert count(clean_db) == 1
+    r = send(client, "POST", url, body, **{"If-None-Exist": f"identifier={SYS}|other"})
+    assert r.status_code == 400, r.json
+    assert r.json["issue"][0]["expression"] == ["url", "If-None-Exist"]
+    r = send(client, "POST", "/fhir/Patient?shoe-size=42", body)
+    assert r.status_code == 400 and r.json["issue"][0]["expression"] == ["url"]
+    assert count(clean_db) == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "status"),
+    [
+        ("PUT", "/fhir/Patient/k1?active=true", 400),
+        ("DELETE", "/fhir/Patient/k1?_cascade=delete", 400),
+        ("GET", "/fhir/Patient/k1?_elements=name", 400),
+        ("GET", "/fhir/Patient/k1/_history/1?x=1", 400),
+        ("GET", "/fhir/Patient/k1/_history?_since=2020-01-01", 400),
+        ("GET", "/fhir/Patient/k1?_format=json", 200),
+        ("GET", "/fhir/Patient/k1/_history?_count=1", 200),
+    ],
+)
+def test_a_query_is_never_silently_ignored(
+    client: Any, clean_db: Any, method: str, url: str, status: int
+) -> None:
+    send(client, "PUT", "/fhir/Patient/k1", patient(id="k1"))
+    before = unchanged(clean_db)
+    r = send(client, method, url, patient("Other", id="k1") if method == "PUT" else None)
+    assert r.status_code == status, r.json
+    if status == 400:
+        assert r.json["issue"][0]["expression"] == ["url"]
+    assert unchanged(clean_db) == before
+    entry = {"request": {"method": method, "url": url.removeprefix("/fhir/")}}
+    if method == "PUT":
+        entry["resource"] = patient("Other", id="k1")
+    r = run(client, transaction(entry))
+    assert r.status_code == status, r.json
+    assert unchanged(clean_db) == before

@@ -626,9 +626,14 @@ def _history(conn: Connection, s: Step, ctx: Context) -> EntryResult:
 
 
 def _search(conn: Connection, s: Step, ctx: Context) -> EntryResult:
-    bundle = search(
-        conn, s.resource_type, list(s.entry.search or ()), base_url=ctx.base_url, strict=False
-    )
+    try:
+        bundle = search(
+            conn, s.resource_type, list(s.entry.search or ()), base_url=ctx.base_url,
+            strict=False,
+        )
+    except FhirError as err:  # the parameter is named in the diagnostics; point at the URL
+        err.expression = [f"{s.expr}.request.url"]
+        raise
     return EntryResult(s.index, 200, resource=bundle)
 
 

@@ -46,6 +46,7 @@ WRITE_PHASES = 3  # phases 0-2 are R4's "steps 1-3": their identities must not o
 # Parameters that change only how a response is written: accepted on every interaction.
 _FORMAT_PARAMS = frozenset({"_format", "_pretty"})
 _HISTORY_PARAMS = frozenset({"_count", "_offset"}) | _FORMAT_PARAMS
+_JSON_FORMATS = frozenset({"json", "application/json", "application/fhir+json"})
 
 
 def new_id() -> str:
@@ -388,6 +389,12 @@ def _condition(rtype: str, query: Iterable[tuple[str, str]], where: str) -> Cond
 def _no_query(url: RequestUrl, allowed: frozenset[str], where: str, what: str) -> None:
     """A parameter this interaction does not use is refused, never silently dropped."""
     unused = sorted({k for k, _ in url.query or () if k not in allowed})
+    formats = {v for k, v in url.query or () if k == "_format"} - _JSON_FORMATS
+    if formats:
+        raise NotSupported(
+            f"_format {', '.join(sorted(formats))} is not supported: this server speaks FHIR JSON",
+            expression=where,
+        )
     if unused:
         raise BadRequest(
             f"{what} takes no parameter {', '.join(unused)}"
