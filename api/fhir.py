@@ -24,6 +24,7 @@ from api.http import (
     fhir_response,
     parse_json,
     prefer,
+    read_body,
     read_json,
     result_response,
     settings,
@@ -113,9 +114,7 @@ def put_upsert() -> Response:
         return _submit_async("upsert")
     cfg = settings()
     if request.mimetype == NDJSON:
-        raw = request.get_data(cache=False)
-        if len(raw) > cfg.sync_max_bytes:
-            raise TooLarge("Body too large for a synchronous upsert." + ASYNC_HINT)
+        raw = read_body(cfg.sync_max_bytes, hint=ASYNC_HINT)
         elements = [parse_json(line) for line in raw.splitlines() if line.strip()]
     else:
         elements = read_json(cfg.sync_max_bytes, hint=ASYNC_HINT)
@@ -221,9 +220,18 @@ def search_type(rtype: str) -> Response:
 @bp.post("/<rtype>/_search")
 def search_post(rtype: str) -> Response:
     _check_type(rtype)
-    params = [(k, v) for k, vs in request.form.lists() for v in vs]
+    from urllib.parse import parse_qsl, urlencode
+
+    limit = settings().sync_max_bytes
+    if (request.mimetype or "").lower() == "application/x-www-form-urlencoded":
+        # Read here, within the sync limit: werkzeug's form parser cuts a longer body short
+        # silently instead of refusing it.
+        form = read_body(limit).decode("utf-8", "replace")
+        params = parse_qsl(form, keep_blank_values=True)
+    else:
+        request.max_content_length = limit
+        params = [(k, v) for k, vs in request.form.lists() for v in vs]
     params += [(k, v) for k, vs in request.args.lists() for v in vs]
-    from urllib.parse import urlencode
 
     return _rest("GET", f"{rtype}?{urlencode(params)}", write=False)
 
@@ -293,8 +301,7 @@ def _patch_body() -> dict[str, Any]:
     """JSON Patch bodies travel to the engine as the Binary a bundle entry would carry."""
     mime = (request.mimetype or "").lower()
     if mime == "application/json-patch+json":
-        raw = request.get_data(cache=False)
-        ops = parse_json(raw)
+        ops = read_json(settings().sync_max_bytes)
         return {
             "resourceType": "Binary",
             "contentType": "application/json-patch+json",

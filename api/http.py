@@ -72,15 +72,32 @@ def check_content_type(allowed: tuple[str, ...] = JSON_TYPES) -> None:
         )
 
 
-def read_json(max_bytes: int, *, hint: str = "") -> Any:
-    """The request body as JSON, within size and nesting limits; 400/413 OperationOutcomes."""
+READ_SIZE = 1 << 20
+
+
+def read_body(max_bytes: int, *, hint: str = "") -> bytes:
+    """The request body, at most `max_bytes` of it: a larger one is a 413 once its
+    Content-Length is known or the first byte past the limit is read (a chunked body), never
+    after reading it whole."""
     length = request.content_length
     if length is not None and length > max_bytes:
         raise TooLarge(f"The body has {length} bytes; the limit here is {max_bytes}.{hint}")
-    raw = request.get_data(cache=False)
-    if len(raw) > max_bytes:
-        raise TooLarge(f"The body has {len(raw)} bytes; the limit here is {max_bytes}.{hint}")
-    return parse_json(raw)
+    stream = request.stream
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        part = stream.read(min(READ_SIZE, max_bytes + 1 - size))
+        if not part:
+            return b"".join(parts)
+        size += len(part)
+        if size > max_bytes:
+            raise TooLarge(f"The body exceeds the limit here of {max_bytes} bytes.{hint}")
+        parts.append(part)
+
+
+def read_json(max_bytes: int, *, hint: str = "") -> Any:
+    """The request body as JSON, within size and nesting limits; 400/413 OperationOutcomes."""
+    return parse_json(read_body(max_bytes, hint=hint))
 
 
 def parse_json(raw: bytes) -> Any:
