@@ -23,6 +23,7 @@ import httpx
 import jwt
 import orjson
 
+from core.auth.api_keys import MAX_OWNER
 from core.errors import FhirError, Unauthorized, Unavailable
 
 __all__ = ["ALGORITHMS", "JwtClaims", "Jwks", "jwks_for", "verify_jwt"]
@@ -194,6 +195,11 @@ def verify_jwt(token: str, jwks: Jwks, *, issuer: str, audience: str) -> JwtClai
     owner = claims.get("sub") or claims.get("client_id")
     if not isinstance(owner, str) or not owner.strip():
         raise Unauthorized("The token names no owner ('sub' or 'client_id')")
+    # The owner is stored with every job and matched in every job query: hold it to what an
+    # API key's owner may be, and keep out control characters (PostgreSQL text refuses NUL).
+    if len(owner) > MAX_OWNER or any(ord(ch) < 32 or ord(ch) == 127 for ch in owner):
+        raise Unauthorized(f"The token's owner ('sub' or 'client_id') must have at most "
+                           f"{MAX_OWNER} characters and no control characters")
     return JwtClaims(owner=owner, scopes=_scopes(claims))
 
 
