@@ -5,7 +5,7 @@ job still at work answers (`accepted_headers`).
 
 The body is streamed into PostgreSQL (see `core.jobs.intake`); it is never held whole in the
 API's memory. Headers: `Idempotency-Key` (same key and body → the same job), `X-Callback-Url`
-(POSTed the job's JSON status once when it ends).
+(POSTed the job's JSON status when it ends; see `core.jobs.callback` for what it may name).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from api.http import base_url, fhir_response, prefer_return, settings
 from core.errors import BadRequest, TooLarge
 from core.fhir.outcome import informational
 from core.jobs import Submission, accept_job, get_job
-from core.jobs.callback import valid_callback_url
+from core.jobs.callback import check_callback_url
 from core.store.db import get_engine
 
 __all__ = ["accepted_headers", "progress", "status_url", "submit_async"]
@@ -64,8 +64,8 @@ def submit_async(kind: str, request: Request) -> Response:
     if key is not None and not (0 < len(key.strip()) <= MAX_KEY_LENGTH):
         raise BadRequest(f"Idempotency-Key must have 1 to {MAX_KEY_LENGTH} characters")
     callback = request.headers.get("X-Callback-Url")
-    if callback is not None and not valid_callback_url(callback):
-        raise BadRequest("X-Callback-Url must be an absolute http(s) URL", code="value")
+    if callback is not None:
+        check_callback_url(callback, cfg.callback_allow)
 
     base = base_url(request)
     sub = Submission(

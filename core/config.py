@@ -85,6 +85,13 @@ class Settings:
         default_factory=lambda: _float("FHIRQ_CALLBACK_TIMEOUT", 10)
     )
     callback_attempts: int = field(default_factory=lambda: _int("FHIRQ_CALLBACK_ATTEMPTS", 5))
+    # Hosts (names, IP addresses or networks) a callback may reach although they are not
+    # public, over http too: trusted internal hooks (core.jobs.callback).
+    callback_allow: tuple[str, ...] = field(
+        default_factory=lambda: tuple(
+            h for h in os.environ.get("FHIRQ_CALLBACK_ALLOW", "").replace(",", " ").split() if h
+        )
+    )
 
     # Logs (core.logging): `json`, one object per line with the job id when known, for log
     # shippers; `text` for people (`fhirq up` chooses it for its foreground output).

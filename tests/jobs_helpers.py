@@ -53,6 +53,8 @@ JOB_ENV = {
     "FHIRQ_JOB_STALL_SECONDS": "3",
     "FHIRQ_REAPER_INTERVAL": "1",
     "FHIRQ_CALLBACK_ATTEMPTS": "3",
+    # Callbacks go to receivers the tests run on loopback.
+    "FHIRQ_CALLBACK_ALLOW": "127.0.0.1",
     # Job tests stand in for owners with X-Test-Owner (`api`) or run as "anonymous" (the
     # servers they spawn); tests/test_auth.py covers authentication.
     "FHIRQ_AUTH": "off",

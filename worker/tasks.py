@@ -87,7 +87,8 @@ def callback(self: Task, job_id: str) -> None:
         job = get_job(conn, job_id, claim["owner"])
     assert job is not None
     payload = job_json(job, jobs_url=jobs_url_for(job["base_url"]))
-    sent = deliver(claim["callback_url"], payload, cfg.callback_timeout)
+    sent = deliver(claim["callback_url"], payload, timeout=cfg.callback_timeout,
+                   allow=cfg.callback_allow, delivery_id=claim["delivery_id"])
     attempt = self.request.retries + 1
     final = sent or attempt >= cfg.callback_attempts
     with get_engine().begin() as conn:

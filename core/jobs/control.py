@@ -188,12 +188,15 @@ def claim_callback(conn: Connection, job_id: str) -> dict[str, Any] | None:
             UPDATE job SET callback_state = 'sending'
             WHERE id = :id AND callback_state = 'pending'
               AND state IN ('completed', 'failed', 'cancelled')
-            RETURNING id, owner, callback_url
+            RETURNING id, owner, callback_url, gen
             """
         ),
         {"id": job_id},
     ).mappings().first()
-    return dict(row) if row else None
+    if row is None:
+        return None
+    # One ending of the job (a retry of failed entries starts a new generation, and ends anew).
+    return {**row, "delivery_id": f"{job_id}.{row['gen']}"}
 
 
 def finish_callback(conn: Connection, job_id: str, *, sent: bool, final: bool) -> None:
