@@ -14,6 +14,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["FHIRQ"] = settings or get_settings()
 
     from api import auth, errors, fhir, health, ids, jobs, metrics, ui
+    from api.guard import guard
 
     errors.register(app)
     auth.register(app)  # first of the before_request hooks: everything after knows g.owner
@@ -21,6 +22,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(fhir.bp)
     jobs.register(app)
+    # Inside the metrics wrapper, so refusals before routing are counted and logged too.
+    app.wsgi_app = guard(app.wsgi_app, app.config["FHIRQ"])  # type: ignore[method-assign]
     metrics.register(app)  # /metrics, request latency and access log, job id in log context
     app.register_blueprint(ui.bp)
     return app

@@ -35,6 +35,7 @@ from core.fhir.capability import capability_statement
 from core.fhir.engine import execute_batch, execute_transaction, response_bundle
 from core.fhir.model import EntryResult
 from core.fhir.outcome import from_error
+from core.fhir.strings import check_json_text
 from core.fhir.validation import known_resource_type
 from core.store.db import get_engine
 
@@ -302,6 +303,7 @@ def _patch_body() -> dict[str, Any]:
     mime = (request.mimetype or "").lower()
     if mime == "application/json-patch+json":
         ops = read_json(settings().sync_max_bytes)
+        check_json_text(ops, "")  # here, so the 400 names the operation: `[0].value`
         return {
             "resourceType": "Binary",
             "contentType": "application/json-patch+json",

@@ -2,7 +2,9 @@
 logging is configured here (FHIRQ_LOG_FORMAT lines on stderr), before the app logs anything."""
 
 from api import create_app
+from api.guard import render_server_errors
 from core.logging import configure_logging
 
 configure_logging()
+render_server_errors()
 app = create_app()

@@ -50,6 +50,12 @@ def api_argv(
         "--threads", str(threads),
         # Bounded so a stop never waits on a stuck request for gunicorn's default 30 s.
         "--graceful-timeout", "10",
+        # gunicorn's parser limits sit above the app's (FHIRQ_MAX_URI_BYTES /
+        # FHIRQ_MAX_HEADER_BYTES, answered with OperationOutcomes by api.guard); 8190 is the
+        # longest request line gunicorn takes. What it refuses itself, api.wsgi renders as an
+        # OperationOutcome too.
+        "--limit-request-line", "8190",
+        "--limit-request-field_size", "16380",
         # Import the app once in the master and fork: the FHIR schemas compiled at import are
         # shared copy-on-write and start-up costs one import, not one per process. Safe while
         # nothing opens a database connection at import time (engines are created lazily).

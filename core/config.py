@@ -49,6 +49,9 @@ class Settings:
     entry_time_budget: float = field(
         default_factory=lambda: _float("FHIRQ_ENTRY_TIME_BUDGET", 2)
     )
+    # Refused before routing with 414 / 431 (gunicorn's own limits sit above these).
+    max_uri_bytes: int = field(default_factory=lambda: _int("FHIRQ_MAX_URI_BYTES", 8000))
+    max_header_bytes: int = field(default_factory=lambda: _int("FHIRQ_MAX_HEADER_BYTES", 8000))
     chunk_size: int = field(default_factory=lambda: _int("FHIRQ_CHUNK_SIZE", 500))
     # Literal references (`Patient/1`) in written resources must name existing resources.
     # Turn off for loads whose referenced resources arrive later.

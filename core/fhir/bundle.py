@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from core.errors import BadRequest, FhirError, TooLarge
+from core.fhir.strings import check_json_text
 from core.fhir.validation import is_valid_id, known_resource_type
 
-__all__ = ["check_bundle", "upsert_entry", "upsert_outcome"]
+__all__ = ["check_bundle", "check_entry", "upsert_entry", "upsert_outcome"]
 
 BUNDLE_KINDS = ("batch", "transaction")
 
@@ -39,6 +40,37 @@ def check_bundle(body: Any, *, max_entries: int | None = None) -> tuple[str, lis
             expression="Bundle.entry",
         )
     return kind, entries
+
+
+# Bundle.entry.request's elements and their JSON types (bundle.html#resource): all strings.
+_REQUEST_STRINGS = ("method", "url", "ifNoneMatch", "ifModifiedSince", "ifMatch", "ifNoneExist")
+
+
+def check_entry(entry: Any, expr: str) -> None:
+    """The JSON shape of one Bundle.entry (object members of the right JSON type) and the FHIR
+    character rule over all of it; 400 at the element, e.g. `Bundle.entry[2].request.method`."""
+    if not isinstance(entry, dict):
+        raise BadRequest("Bundle entry must be an object", expression=expr, code="structure")
+    for name, kind, what in (
+        ("fullUrl", str, "a string"),
+        ("resource", dict, "a resource (JSON object)"),
+        ("request", dict, "an object"),
+    ):
+        value = entry.get(name)
+        if value is not None and not isinstance(value, kind):
+            raise BadRequest(
+                f"{name} must be {what}", expression=f"{expr}.{name}", code="structure"
+            )
+    request = entry.get("request")
+    for name in _REQUEST_STRINGS if request else ():
+        value = request.get(name)
+        if value is not None and not isinstance(value, str):
+            raise BadRequest(
+                f"request.{name} must be a string",
+                expression=f"{expr}.request.{name}",
+                code="structure",
+            )
+    check_json_text(entry, expr)
 
 
 def upsert_entry(element: Any, index: int) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from core.fhir.references import (
 )
 from core.fhir.resources import row_to_resource
 from core.fhir.search import find_ids_many, search
-from core.fhir.search_params import extract_index, parse_query
+from core.fhir.search_params import extract_index, paging_int, parse_query
 from core.fhir.urls import parse_query_string
 from core.fhir.validation import validate_resource
 from core.store import repository as repo
@@ -585,15 +585,12 @@ def _vread(conn: Connection, s: Step, ctx: Context) -> EntryResult:
 def _history(conn: Connection, s: Step, ctx: Context) -> EntryResult:
     settings = get_settings()
     params = dict(s.entry.url.query or ())
-    try:
-        count = min(
-            int(params.get("_count", settings.search_default_count)), settings.search_max_count
-        )
-        offset = int(params.get("_offset", 0))
-    except ValueError as exc:
-        raise BadRequest(
-            "_count and _offset must be integers", expression=f"{s.expr}.request.url"
-        ) from exc
+    where = f"{s.expr}.request.url"
+    count = min(
+        paging_int("_count", params.get("_count", str(settings.search_default_count)), where),
+        settings.search_max_count,
+    )
+    offset = paging_int("_offset", params.get("_offset", "0"), where)
     total, rows = repo.read_history(conn, s.resource_type, s.id, count=count, offset=offset)
     entries = []
     for rtype, rid, cur, method in rows:

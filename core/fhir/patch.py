@@ -42,6 +42,7 @@ import orjson
 from core.config import get_settings
 from core.errors import BadRequest, FhirError, Unprocessable
 from core.fhir.fhirpath import Budget, bounded, evaluate, parse
+from core.fhir.strings import check_json_text
 from core.fhir.validation import check_raw_depth, element_repeats, fhirpath_of
 
 __all__ = [
@@ -112,6 +113,7 @@ def decode_binary_patch(binary: dict, *, expression: str = "") -> list:
     if not isinstance(ops, list):
         raise BadRequest("A JSON Patch document must be a JSON array of operations",
                          code="structure", expression=f"{root}.data")
+    check_json_text(ops, f"{root}.data")
     return ops
 
 
@@ -169,7 +171,7 @@ def _check_json_patch_op(i: int, op: Any, expression: str) -> None:
     if not isinstance(op, dict):
         raise bad("an operation must be a JSON object")
     name = op.get("op")
-    if name not in _JSON_PATCH_NEEDS:
+    if not isinstance(name, str) or name not in _JSON_PATCH_NEEDS:
         raise bad(f"'op' must be one of {', '.join(_JSON_PATCH_NEEDS)}, got {name!r}")
     for member in ("path", *_JSON_PATCH_NEEDS[name]):
         if member not in op:
@@ -265,7 +267,7 @@ def _read_operation(param: Any, where: str) -> _Operation:
         named[name] = (j, part)
 
     kind = _part_primitive(named, "type", "valueCode", where)
-    if kind not in _OPERATION_PARTS:
+    if not isinstance(kind, str) or kind not in _OPERATION_PARTS:
         raise BadRequest(
             f"The operation type must be one of {', '.join(_OPERATION_PARTS)}, got {kind!r}",
             code="value" if kind is not None else "required",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from core.errors import BadRequest, FhirError, NotSupported, TooLarge
+from core.fhir.bundle import check_entry
 from core.fhir.search_params import parse_query
 from core.fhir.urls import RequestUrl, parse_etag, parse_query_string, parse_request_url
 from core.fhir.validation import known_resource_type, validate_resource
@@ -249,8 +250,7 @@ def plan_entry(
 def _plan(
     index: int, entry: Any, expr: str, transaction: bool, make_id: IdFactory
 ) -> PlannedEntry:
-    if not isinstance(entry, dict):
-        raise BadRequest("Bundle entry must be an object", expression=expr)
+    check_entry(entry, expr)
     request = entry.get("request")
     if not isinstance(request, dict):
         raise BadRequest(
@@ -357,7 +357,7 @@ def _plan_create(
             raise BadRequest("ifNoneExist must be a string", expression=at_ine)
         # Clients send both `identifier=s|v` and `Patient?identifier=s|v`.
         query = ine.partition("?")[2] if "?" in ine else ine
-        from_header = _condition(rtype, parse_query_string(query), at_ine)
+        from_header = _condition(rtype, parse_query_string(query, expression=at_ine), at_ine)
     # `POST Type?params` (fhirpy's get_or_create) is a conditional create on those params.
     from_url = _condition(rtype, url.query, at_url) if url.query is not None else None
     if from_url and from_header and from_url.key != from_header.key:

@@ -66,6 +66,7 @@ __all__ = [
     "MIN_DT",
     "MAX_DT",
     "extract_index",
+    "paging_int",
     "supported_params",
     "param_types",
     "parse_query",
@@ -770,19 +771,28 @@ def parse_query(resource_type: str, params: list[tuple[str, str]], *, strict: bo
     return q
 
 
+# FHIR's integer is 32-bit: a page size or offset beyond it is not a number we answer to.
+MAX_PAGING_INT = 2**31 - 1
+_DIGITS = re.compile(r"[0-9]{1,10}")
+
+
+def paging_int(name: str, value: str, expression: str) -> int:
+    """`_count` / `_offset` as an int from 0 to MAX_PAGING_INT; anything else is a 400."""
+    n = int(value) if _DIGITS.fullmatch(value) else -1
+    if not 0 <= n <= MAX_PAGING_INT:
+        raise BadRequest(
+            f"'{name}' must be an integer from 0 to {MAX_PAGING_INT}, got {value[:40]!r}",
+            expression=expression,
+        )
+    return n
+
+
 def _result_param(q: Query, raw_name: str, name: str, value: str, strict: bool) -> None:
     if name in ("_format", "_pretty") or value == "":
         return
     if name in ("_count", "_offset"):
         _no_modifier(raw_name, raw_name[len(name) :].lstrip(":"))
-        try:
-            n = int(value)
-        except ValueError:
-            n = -1
-        if n < 0:
-            raise BadRequest(
-                f"'{name}' must be a non-negative integer, got '{value}'", expression=name
-            )
+        n = paging_int(name, value, name)
         if name == "_count":
             q.count = n
         else:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
 from core.errors import BadRequest
+from core.fhir.strings import check_text
 
 __all__ = ["RequestUrl", "parse_request_url", "parse_query_string", "parse_etag"]
 
@@ -41,9 +42,15 @@ class RequestUrl:
         return self.id is None and self.query is not None
 
 
-def parse_query_string(qs: str) -> list[tuple[str, str]]:
-    """`a=1&b=x%7Cy` → [("a","1"), ("b","x|y")]; blank values are kept (they are errors later)."""
-    return parse_qsl(qs, keep_blank_values=True)
+def parse_query_string(qs: str, *, expression: str = "url") -> list[tuple[str, str]]:
+    """`a=1&b=x%7Cy` → [("a","1"), ("b","x|y")]; blank values are kept (they are errors later).
+
+    A control character in a decoded name or value is a 400 at `expression`."""
+    pairs = parse_qsl(qs, keep_blank_values=True)
+    for name, value in pairs:
+        check_text(name, expression, "A search parameter name")
+        check_text(value, expression, f"The value of search parameter {name!r}")
+    return pairs
 
 
 def parse_request_url(url: str, *, expression: str = "url") -> RequestUrl:
@@ -60,7 +67,7 @@ def parse_request_url(url: str, *, expression: str = "url") -> RequestUrl:
         path, sep, qs = url.partition("?")
         has_query = bool(sep)
     if has_query:
-        query = tuple(parse_query_string(qs))
+        query = tuple(parse_query_string(qs, expression=expression))
     segments = [s for s in path.split("/") if s]
     # An absolute URL carries the base path before the resource type: drop it.
     while segments and not (_TYPE.match(segments[0]) or segments[0].startswith("$")):

@@ -1,0 +1,142 @@
+"""Refusals of the HTTP layer are OperationOutcomes too, checked against a real gunicorn started
+with the same command line as `fhirq api`: URIs and header fields over the product's limits
+(414 / 431 from the app), beyond gunicorn's own limits (414 / 431 / 400 from gunicorn), and
+control characters in the path, query and headers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from cli import procutil
+from cli.processes import api_argv
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _exchange(port: int, raw: bytes, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """Send `raw` as is; the status, headers and body of the answer (read until close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(raw)
+        data = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+            head, sep, body = data.partition(b"\r\n\r\n")
+            if sep:
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (line.partition(":") for line in lines[1:])
+                }
+                if len(body) >= int(headers.get("content-length", "-1")) >= 0:
+                    break
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def _get(port: int, target: str, *headers: str) -> bytes:
+    lines = [f"GET {target} HTTP/1.1", "Host: 127.0.0.1", *headers, "Connection: close"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+@pytest.fixture(scope="module")
+def server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    port = _free_port()
+    log = tmp_path_factory.mktemp("gunicorn") / "api.log"
+    env = {
+        **os.environ,
+        "FHIRQ_DATABASE_URL": db_url,
+        "FHIRQ_AUTH": "off",
+        "PYTHONPATH": str(ROOT),
+    }
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            api_argv("127.0.0.1", port, 1, 2), cwd=ROOT, env=env, stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                if _exchange(port, _get(port, "/healthz"), timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        yield port
+    finally:
+        procutil.terminate_tree(proc.pid, timeout=10)
+        proc.wait()
+
+
+def _outcome(answer: tuple[int, dict[str, str], bytes], status: int, code: str) -> dict:
+    got, headers, body = answer
+    assert got == status, body[:300]
+    assert headers["content-type"].startswith("application/fhir+json"), headers
+    parsed = orjson.loads(body)
+    assert parsed["resourceType"] == "OperationOutcome"
+    assert parsed["issue"][0]["code"] == code, parsed
+    return parsed
+
+
+def test_uri_within_the_limit_is_served(server: int) -> None:
+    target = "/fhir/Patient?family=" + "a" * 7000
+    got, _, body = _exchange(server, _get(server, target))
+    assert got == 200, body[:300]
+
+
+@pytest.mark.parametrize("size", [8100, 8185, 20_000])
+def test_long_uris_are_414_outcomes(server: int, size: int) -> None:
+    # 8100: the app's limit (8000); 8185: right at gunicorn's 8190-byte request line;
+    # 20,000: gunicorn's own refusal.
+    target = "/fhir/Patient?family=" + "a" * (size - 21)
+    _outcome(_exchange(server, _get(server, target)), 414, "too-long")
+
+
+@pytest.mark.parametrize("size", [9000, 30_000])
+def test_large_header_fields_are_431_outcomes(server: int, size: int) -> None:
+    # 9,000: the app's limit (8000); 30,000: beyond gunicorn's 16380-byte field limit.
+    answer = _exchange(server, _get(server, "/fhir/metadata", "X-Big: " + "b" * size))
+    _outcome(answer, 431, "too-long")
+
+
+def test_unparsable_request_line_is_a_400_outcome(server: int) -> None:
+    _outcome(_exchange(server, b"GET\x01 / HTTP/1.1\r\nHost: x\r\n\r\n"), 400, "invalid")
+
+
+@pytest.mark.parametrize(
+    ("target", "where"),
+    [
+        ("/fhir/Patient/a%00b", "url"),
+        ("/fhir/Patient?family=a%01b", "family"),
+        ("/fhir/Patient?fam%00ily=x", "url"),
+        ("/jobs/%00", "url"),
+        ("/fhir/_async/%1f", "url"),
+    ],
+)
+def test_control_characters_in_the_request_target(server: int, target: str, where: str) -> None:
+    body = _outcome(_exchange(server, _get(server, target)), 400, "value")
+    assert body["issue"][0]["expression"] == [where]
