@@ -20,6 +20,7 @@ from core.errors import BadRequest, TooLarge
 from core.fhir.outcome import informational
 from core.jobs import Submission, accept_job, get_job
 from core.jobs.callback import check_callback_url
+from core.jobs.quota import Quota
 from core.store.db import get_engine
 
 __all__ = ["accepted_headers", "progress", "status_url", "submit_async"]
@@ -79,6 +80,7 @@ def submit_async(kind: str, request: Request) -> Response:
         inflight_chunks=cfg.inflight_chunks,
         idempotency_key=key.strip() if key else None,
         callback_url=callback,
+        quota=Quota(cfg.max_active_jobs, cfg.max_submissions_per_minute),
     )
     with get_engine().begin() as conn:
         accepted = accept_job(conn, request.stream, sub)

@@ -72,6 +72,11 @@ class Settings:
     # Chunk tasks of one job in the queue or running at once. The queue is FIFO, so a job
     # submitted later waits behind at most this many chunks of each earlier job (fairness).
     inflight_chunks: int = field(default_factory=lambda: _int("FHIRQ_JOB_INFLIGHT", 4))
+    # Per-owner quotas on async submissions (core.jobs.quota); 0: unlimited.
+    max_active_jobs: int = field(default_factory=lambda: _int("FHIRQ_MAX_ACTIVE_JOBS", 100))
+    max_submissions_per_minute: int = field(
+        default_factory=lambda: _int("FHIRQ_MAX_SUBMISSIONS_PER_MINUTE", 600)
+    )
     # An active job with no progress for this long is presumed to have lost its tasks.
     stall_seconds: float = field(default_factory=lambda: _float("FHIRQ_JOB_STALL_SECONDS", 120))
     reaper_interval: float = field(default_factory=lambda: _float("FHIRQ_REAPER_INTERVAL", 30))

@@ -28,6 +28,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from core.errors import BadRequest, FhirError, TooLarge, Unprocessable
 from core.fhir.outcome import from_error
+from core.jobs import quota
 from core.jobs.model import Dispatch, JobKind
 
 __all__ = ["Accepted", "Submission", "accept_job", "initial_dispatches"]
@@ -50,6 +51,7 @@ class Submission:
     inflight_chunks: int = 4
     idempotency_key: str | None = None
     callback_url: str | None = None
+    quota: quota.Quota = field(default_factory=lambda: quota.Quota(0, 0))
 
 
 @dataclass(slots=True)
@@ -78,6 +80,8 @@ def accept_job(conn: Connection, body: BinaryIO, sub: Submission) -> Accepted:
             return _replay(conn, existing, body, sub)
     else:
         _insert_job(conn, job_id, sub)
+    # Before reading the body: a submission over the owner's quota costs no upload.
+    quota.check(conn, sub.owner, sub.quota, final=False)
 
     source = _BodySource(body, sub.max_bytes, hashing=bool(sub.idempotency_key), kind=sub.kind)
     if sub.ndjson:
@@ -124,6 +128,7 @@ def accept_job(conn: Connection, body: BinaryIO, sub: Submission) -> Accepted:
             "finished": finished,
         },
     )
+    quota.check(conn, sub.owner, sub.quota, final=True)
     if finished:
         dispatches = [Dispatch("callback", job_id)] if sub.callback_url else []
     else:
