@@ -53,7 +53,15 @@ def outcome(*issues: dict[str, Any]) -> dict[str, Any]:
 
 
 def from_error(err: FhirError) -> dict[str, Any]:
+    """One issue; or one per problem of an error that stands for several (a resource invalid
+    in several elements: its `problems` each have an `expression`, a `code` and a `text`)."""
     severity = "error" if err.status >= 400 else "information"
+    problems = getattr(err, "problems", None)
+    if problems:
+        return outcome(*(
+            issue(severity, p.code, f"{p.expression}: {p.text}", [p.expression])
+            for p in problems
+        ))
     return outcome(issue(severity, err.code, err.diagnostics, err.expression))
 
 

@@ -61,7 +61,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from fhir_core.constraints import FHIR_PRIMITIVES_MAPS
 from fhir_core.fhirabstractmodel import FHIRAbstractModel
 from fhir_core.types import FhirBase, FhirElementOrResourceBase
-from pydantic_core import PydanticCustomError, SchemaValidator, ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError, SchemaValidator, ValidationError
 from pydantic_core import core_schema as cs
 
 from core.errors import BadRequest
@@ -73,7 +73,9 @@ __all__ = [
     "check_json_limits",
     "check_raw_depth",
     "Element",
+    "InvalidResource",
     "Model",
+    "Problem",
     "element_repeats",
     "fhirpath_at",
     "fhirpath_of",
@@ -337,7 +339,8 @@ def fhirpath_of(root: str, path: Iterable[Any]) -> str:
 # validate_resource
 # --------------------------------------------------------------------------------------------
 
-_MAX_LISTED_PROBLEMS = 20
+_MAX_LISTED_PROBLEMS = 20  # in the summary diagnostics
+_MAX_ISSUES = 100  # issues of one OperationOutcome
 
 
 def validate_resource(
@@ -377,31 +380,31 @@ def validate_resource(
             f"The resource is a {rtype} but the request URL is for {expected_type}",
             code="invalid", expression=f"{root}.resourceType",
         )
-    rid = resource.get("id")
-    if rid is None:
-        if require_id or expected_id is not None:
-            raise BadRequest(
-                "The resource needs an id" + (
-                    f" equal to the id in the request URL ({expected_id})"
-                    if expected_id is not None else ""
-                ),
-                code="required", expression=f"{root}.id",
-            )
-    elif not is_valid_id(rid):
-        raise BadRequest(
-            f"{_show(rid)} is not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)",
-            code="value", expression=f"{root}.id",
-        )
-    elif expected_id is not None and rid != expected_id:
-        raise BadRequest(
-            f"The resource id {rid!r} does not match the id in the request URL "
-            f"({expected_id!r})",
-            code="invalid", expression=f"{root}.id",
-        )
+    id_problem = _id_problem(resource.get("id"), f"{root}.id", expected_id, require_id)
     try:
         _validator(rtype).validate_python(resource)
     except ValidationError as err:
-        raise _bad_request(err, root, resource) from None
+        raise _bad_request(err, root, resource, id_problem) from None
+    if id_problem is not None:
+        raise BadRequest(id_problem.text, code=id_problem.code, expression=id_problem.expression)
+
+
+def _id_problem(
+    rid: Any, where: str, expected_id: str | None, require_id: bool
+) -> Problem | None:
+    if rid is None:
+        if require_id or expected_id is not None:
+            return Problem(where, "required", "The resource needs an id" + (
+                f" equal to the id in the request URL ({expected_id})"
+                if expected_id is not None else ""
+            ))
+    elif not is_valid_id(rid):
+        return Problem(where, "value", f"{_show(rid)} is not a valid FHIR id (1-64 of A-Z a-z "
+                       "0-9 - .)")
+    elif expected_id is not None and rid != expected_id:
+        return Problem(where, "invalid", f"The resource id {rid!r} does not match the id in the "
+                       f"request URL ({expected_id!r})")
+    return None
 
 
 def _show(value: object, limit: int = 60) -> str:
@@ -423,32 +426,58 @@ _STRUCTURE_ERRORS = frozenset({
 _REQUIRED_ERRORS = frozenset({"missing", "fhir_required"})
 
 
-def _bad_request(err: ValidationError, root: str, resource: dict[str, Any]) -> BadRequest:
-    problems: list[tuple[str, str, str]] = []
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One failing element: its FHIRPath, the FHIR issue code and what is wrong."""
+
+    expression: str
+    code: str
+    text: str
+
+
+class InvalidResource(BadRequest):
+    """A resource that breaks R4 rules in one or more elements. Its OperationOutcome has one
+    issue per element of `problems` (each with `expression`, `code` and `text`);
+    `diagnostics` and `expression` sum them all up, for callers that report one issue."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        listed = "; ".join(f"{p.expression}: {p.text}" for p in problems[:_MAX_LISTED_PROBLEMS])
+        more = len(problems) - _MAX_LISTED_PROBLEMS
+        if more > 0:
+            listed += f"; and {more} more"
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(
+            f"The resource is not valid R4 ({len(problems)} {noun}): {listed}",
+            code=problems[0].code,
+            expression=list(dict.fromkeys(p.expression for p in problems)),
+        )
+        if len(problems) > _MAX_ISSUES:
+            rest = len(problems) - _MAX_ISSUES
+            problems = [*problems[:_MAX_ISSUES], Problem(
+                problems[_MAX_ISSUES].expression, "too-costly",
+                f"and {rest} more problems, not listed one by one",
+            )]
+        self.problems = problems
+
+
+def _bad_request(
+    err: ValidationError, root: str, resource: dict[str, Any], id_problem: Problem | None
+) -> InvalidResource:
+    problems: list[Problem] = [id_problem] if id_problem is not None else []
     for item in err.errors(include_url=False):
         kind = item["type"]
         loc: tuple[Any, ...] = tuple(item["loc"])
-        ctx = item.get("ctx") or {}
-        if "element" in ctx:
-            loc = (*loc, ctx["element"])
         path = fhirpath_of(root, _choice_names(resource, loc))
+        if id_problem is not None and path == id_problem.expression:
+            continue  # the id rule already says what is wrong with it
         if kind in _REQUIRED_ERRORS:
             code, text = "required", "required element is missing"
         elif kind in _STRUCTURE_ERRORS:
             code, text = "structure", _STRUCTURE_TEXT.get(kind) or item["msg"]
         else:
             code, text = "value", _value_text(kind, item)
-        problems.append((path, code, text))
-    listed = "; ".join(f"{p}: {t}" for p, _, t in problems[:_MAX_LISTED_PROBLEMS])
-    more = len(problems) - _MAX_LISTED_PROBLEMS
-    if more > 0:
-        listed += f"; and {more} more"
-    noun = "problem" if len(problems) == 1 else "problems"
-    return BadRequest(
-        f"The resource is not valid R4 ({len(problems)} {noun}): {listed}",
-        code=problems[0][1],
-        expression=list(dict.fromkeys(p for p, _, _ in problems)),
-    )
+        problems.append(Problem(path, code, text))
+    return InvalidResource(problems)
 
 
 def _value_text(kind: str, item: Any) -> str:
@@ -724,7 +753,9 @@ def _primitive_schema(name: str) -> cs.CoreSchema:
 
 def _element_rules(model: Model) -> Any:
     """Checks a typed dict cannot express: one type per choice element, required primitives
-    (present as `x` or, with only extensions, as `_x`)."""
+    (present as `x` or, with only extensions, as `_x`). A wrap validator, so that these are
+    reported together with whatever the typed dict finds wrong in the same object (an
+    Observation missing both `status` and `code` is two problems, not the first one)."""
     groups: dict[str, tuple[bool, set[str]]] = {}
     required: list[str] = []
     for e in model_elements(model):
@@ -736,26 +767,46 @@ def _element_rules(model: Model) -> Any:
         return None
     frozen = [(name, needed, frozenset(keys)) for name, (needed, keys) in groups.items()]
 
-    def check(data: dict[str, Any]) -> dict[str, Any]:
+    def broken(data: dict[str, Any]) -> list[InitErrorDetails] | None:
+        out: list[InitErrorDetails] = []
         for name, needed, keys in frozen:
             present = [k for k in data if k in keys]
             if len(present) > 1:
-                raise PydanticCustomError(
-                    "fhir_choice", "only one type is allowed for {element}[x], got {present}",
-                    {"element": name, "present": ", ".join(present)},
-                )
-            if needed and not present:
-                raise PydanticCustomError(
-                    "fhir_required", "{element}[x] is required", {"element": name}
-                )
+                out.append(_rule_error(
+                    "fhir_choice", f"only one type is allowed for {name}[x], got "
+                    f"{', '.join(present)}", name, data,
+                ))
+            elif needed and not present:
+                out.append(_rule_error("fhir_required", f"{name}[x] is required", name, data))
         for key in required:
             if key not in data and f"_{key}" not in data:
-                raise PydanticCustomError(
-                    "fhir_required", "{element} is required", {"element": key}
-                )
-        return data
+                out.append(_rule_error("fhir_required", f"{key} is required", key, data))
+        return out or None
+
+    def check(data: Any, handler: cs.ValidatorFunctionWrapHandler) -> Any:
+        problems = broken(data) if type(data) is dict else None
+        if problems is None:
+            return handler(data)
+        try:
+            handler(data)
+        except ValidationError as err:
+            problems += [_reraised(item) for item in err.errors(include_url=False)]
+        raise ValidationError.from_exception_data("fhir", problems)
 
     return check
+
+
+def _rule_error(kind: str, text: str, element: str, data: Any) -> InitErrorDetails:
+    # Located at the element itself, so that its FHIRPath names it.
+    return InitErrorDetails(type=PydanticCustomError(kind, text), loc=(element,), input=data)
+
+
+def _reraised(item: Any) -> InitErrorDetails:
+    """One error of a ValidationError, as it can be raised again: same type, text, location,
+    input and context (the type becomes a custom one of the same name)."""
+    ctx = item.get("ctx")
+    kind = PydanticCustomError(item["type"], item["msg"], ctx)
+    return InitErrorDetails(type=kind, loc=tuple(item["loc"]), input=item["input"])
 
 
 class _SchemaBuilder:
@@ -794,7 +845,7 @@ class _SchemaBuilder:
         if rules is None:
             return cs.typed_dict_schema(fields, extra_behavior="forbid", total=False, ref=ref)
         inner = cs.typed_dict_schema(fields, extra_behavior="forbid", total=False)
-        return cs.no_info_after_validator_function(rules, inner, ref=ref)
+        return cs.no_info_wrap_validator_function(rules, inner, ref=ref)
 
     def _fields(self, model: Model) -> dict[str, cs.TypedDictField]:
         fields: dict[str, cs.TypedDictField] = {}
