@@ -416,3 +416,96 @@ def test_unresolved_placeholder_only_fails_in_a_reference(client: Any, clean_db:
         client, transaction(post(obs(), full_url=PAT), post(obs(subject={"reference": stray})))
     )
     assert bad.status_code == 400
+    assert bad.json["issue"][0]["expression"] == ["Bundle.entry[1].resource.subject.reference"]
+
+
+# --------------------------------------------------------------------------- precise outcomes
+
+
+def observation_to(*refs: str) -> dict[str, Any]:
+    extra: dict[str, Any] = {"subject": {"reference": refs[0]}}
+    if len(refs) > 1:
+        extra["performer"] = [{"display": "x"}, *({"reference": r} for r in refs[1:])]
+    return obs(**extra)
+
+
+@pytest.mark.parametrize(
+    ("case", "refs", "status", "code", "expressions"),
+    [
+        (
+            "literal reference to nothing",
+            ["Patient/ghost"],
+            400,
+            "not-found",
+            ["Bundle.entry[1].resource.subject.reference"],
+        ),
+        (
+            "two references to nothing",
+            ["Patient/ghost", "Practitioner/ghost"],
+            400,
+            "not-found",
+            [
+                "Bundle.entry[1].resource.subject.reference",
+                "Bundle.entry[1].resource.performer[1].reference",
+            ],
+        ),
+        (
+            "placeholder naming no entry",
+            [PAT],
+            400,
+            "invalid",
+            ["Bundle.entry[1].resource.subject.reference"],
+        ),
+        (
+            "conditional reference matching nothing",
+            ["Patient?identifier=http://x|nobody"],
+            400,
+            "not-found",
+            ["Bundle.entry[1].resource.subject.reference"],
+        ),
+        (
+            "conditional reference matching several",
+            ["Patient?family=Twin"],
+            412,
+            "multiple-matches",
+            ["Bundle.entry[1].resource.subject.reference"],
+        ),
+        (
+            "bad conditional reference",
+            ["Patient?shoe-size=42", ENC],
+            400,
+            "not-supported",
+            ["Bundle.entry[1].resource.subject.reference"],
+        ),
+    ],
+)
+def test_reference_errors_name_the_element(
+    client: Any,
+    clean_db: Any,
+    case: str,
+    refs: list[str],
+    status: int,
+    code: str,
+    expressions: list[str],
+) -> None:
+    seeded = run(client, transaction(post(patient("Twin")), post(patient("Twin"))))
+    assert seeded.status_code == 200, seeded.json
+    r = run(client, transaction(post(patient(), full_url=ENC), post(observation_to(*refs))))
+    assert r.status_code == status, r.json
+    (issue,) = r.json["issue"]
+    assert issue["expression"] == expressions
+    assert issue["code"] == code
+
+
+def test_reference_errors_in_a_batch_name_the_element(client: Any, clean_db: Any) -> None:
+    r = run(
+        client,
+        {
+            "resourceType": "Bundle",
+            "type": "batch",
+            "entry": [post(patient()), post(observation_to("Patient/ghost"))],
+        },
+    )
+    assert r.status_code == 200, r.json
+    outcome = r.json["entry"][1]["response"]["outcome"]
+    assert outcome["issue"][0]["expression"] == ["Bundle.entry[1].resource.subject.reference"]

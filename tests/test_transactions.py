@@ -139,7 +139,7 @@ def test_processing_order_delete_post_put_get(client: Any, clean_db: Any) -> Non
                 )
             ],
             400,
-            "Bundle.entry[0].resource",
+            "Bundle.entry[0].resource.subject.reference",
         ),
         (
             "literal reference to nothing",
@@ -154,7 +154,7 @@ def test_processing_order_delete_post_put_get(client: Any, clean_db: Any) -> Non
                 )
             ],
             400,
-            "Bundle.entry[0].resource",
+            "Bundle.entry[0].resource.subject.reference",
         ),
         (
             "placeholder to nothing",
@@ -169,7 +169,7 @@ def test_processing_order_delete_post_put_get(client: Any, clean_db: Any) -> Non
                 )
             ],
             400,
-            "Bundle.entry[0].resource",
+            "Bundle.entry[0].resource.subject.reference",
         ),
         (
             "patch of a missing resource",

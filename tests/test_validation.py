@@ -1,4 +1,5 @@
-"""Structural validation, the FHIR id rule, R4 types and JSON-bomb limits (no database)."""
+"""Structural validation, the FHIR id rule, R4 types and JSON-bomb limits (no database but in
+the last tests, which send invalid resources through the API)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from core.errors import BadRequest, FhirError
+from core.fhir.outcome import from_error
 from core.fhir.validation import (
     R4_ONLY_TYPES,
     R4_RESOURCE_TYPES,
@@ -27,6 +29,7 @@ from core.fhir.validation import (
     preload_validators,
     validate_resource,
 )
+from tests.builders import post, send, transaction
 
 SYNTHEA = Path(
     os.environ.get("FHIRQ_SYNTHEA_DIR", Path(__file__).resolve().parents[2] / "shared/data/synthea")
@@ -247,6 +250,62 @@ def test_error_diagnostics_cap_the_list() -> None:
     err = _error(patient)
     assert len(err.expression) == 50
     assert "and 30 more" in err.diagnostics
+
+
+# Resources that break several rules at once: every failing element is reported, each as an
+# OperationOutcome issue of its own, whichever check finds it (the typed structure, choice and
+# required-primitive rules, the id rule).
+SEVERAL: list[tuple[str, Any, dict[str, Any], list[tuple[str, str]]]] = [
+    # (case, resource, kwargs, [(expression, code), ...] in the order reported)
+    ("missing status and code", {"resourceType": "Observation"}, {},
+     [("Observation.status", "required"), ("Observation.code", "required")]),
+    ("two value types, no status, a bad reference",
+     {"resourceType": "Observation", "code": {"text": "x"}, "valueString": "a",
+      "valueInteger": 1, "subject": {"reference": 1}}, {},
+     [("Observation.value", "structure"), ("Observation.status", "required"),
+      ("Observation.subject.reference", "value")]),
+    ("rules inside a repeating backbone element",
+     obs(component=[{"code": {"text": "a"}}, {"valueString": "x", "valueInteger": 2}]), {},
+     [("Observation.component[1].value", "structure"),
+      ("Observation.component[1].code", "required")]),
+    ("bad id and missing status", {"resourceType": "Observation", "id": "a b",
+                                   "code": {"text": "x"}}, {},
+     [("Observation.id", "value"), ("Observation.status", "required")]),
+    ("id missing for the URL, unknown element",
+     {"resourceType": "Patient", "nickname": "x"}, {"expected_id": "p1"},
+     [("Patient.id", "required"), ("Patient.nickname", "structure")]),
+    ("contained resource missing both",
+     {"resourceType": "Patient", "contained": [{"resourceType": "Observation", "id": "o"}]}, {},
+     [("Patient.contained[0].status", "required"), ("Patient.contained[0].code", "required")]),
+]
+
+
+@pytest.mark.parametrize(("case", "resource", "kwargs", "expected"), SEVERAL,
+                         ids=[c[0] for c in SEVERAL])
+def test_every_failing_element_is_an_issue(case: str, resource: Any, kwargs: dict[str, Any],
+                                           expected: list[tuple[str, str]]) -> None:
+    err = _error(resource, **kwargs)
+    issues = from_error(err)["issue"]
+    assert [(i["expression"], i["code"]) for i in issues] == [([e], c) for e, c in expected]
+    assert all(i["severity"] == "error" and i["expression"][0] in i["diagnostics"]
+               for i in issues)
+    assert err.expression == [e for e, _ in expected]  # the summary names them all too
+    assert f"{len(expected)} problems" in err.diagnostics
+
+
+def test_a_single_problem_is_a_single_issue() -> None:
+    issues = from_error(_error({"resourceType": "Patient", "id": "a b"}))["issue"]
+    assert [(i["code"], i["expression"]) for i in issues] == [("value", ["Patient.id"])]
+    issues = from_error(_error(obs(status=None)))["issue"]
+    assert [i["expression"] for i in issues] == [["Observation.status"]]
+
+
+def test_issues_are_capped() -> None:
+    err = _error({"resourceType": "Patient", **{f"x{i}": i for i in range(150)}})
+    issues = from_error(err)["issue"]
+    assert len(issues) == 101
+    assert issues[-1]["code"] == "too-costly" and "50 more problems" in issues[-1]["diagnostics"]
+    assert len(err.expression) == 150
 
 
 VALID: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
@@ -506,3 +565,32 @@ def test_validation_survives_absurd_nesting_without_json_limits() -> None:
 def test_messages_quote_values_briefly() -> None:
     err = _error({"resourceType": "Patient", "birthDate": "x" * 100_000})
     assert len(err.diagnostics) < 300
+
+
+# --------------------------------------------------------------------------------------------
+# Through the API: one issue per failing element, named from the bundle or the REST resource
+# --------------------------------------------------------------------------------------------
+
+
+def test_transaction_reports_each_failing_element(client: Any, clean_db: Any) -> None:
+    bad = {"resourceType": "Observation", "id": "a b"}
+    body = transaction(post({"resourceType": "Patient"}), post(bad))
+    r = send(client, "POST", "/fhir", body)
+    assert r.status_code == 400, r.json
+    assert [(i["expression"], i["code"]) for i in r.json["issue"]] == [
+        (["Bundle.entry[1].resource.id"], "value"),
+        (["Bundle.entry[1].resource.status"], "required"),
+        (["Bundle.entry[1].resource.code"], "required"),
+    ]
+
+
+def test_rest_create_reports_each_failing_element(client: Any, clean_db: Any) -> None:
+    r = send(client, "POST", "/fhir/Observation", {"resourceType": "Observation"})
+    assert r.status_code == 400, r.json
+    assert [i["expression"] for i in r.json["issue"]] == [
+        ["Observation.status"], ["Observation.code"]
+    ]
+    r = send(client, "POST", "/fhir/Observation",
+             obs(subject={"reference": "Patient/ghost"}))
+    assert r.status_code == 400, r.json
+    assert r.json["issue"][0]["expression"] == ["Observation.subject.reference"]

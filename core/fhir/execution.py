@@ -40,6 +40,7 @@ from core.fhir.references import (
     is_conditional_reference,
     is_placeholder,
     literal_target,
+    reference_expressions,
     rewrite_references,
     scan_references,
 )
@@ -344,24 +345,39 @@ def _resolve_references(
                 s.refs = [mapping.get(r, r) for r in s.refs]
             if placeholders is None:  # batch: placeholders between entries are not resolved
                 continue
-            for ref in s.refs:
-                if is_placeholder(ref):
-                    fail(
-                        s,
-                        BadRequest(
-                            f"Reference '{ref}' names no entry of this transaction",
-                            expression=f"{s.expr}.resource",
-                        ),
-                    )
-                    break
+            stray = [ref for ref in dict.fromkeys(s.refs) if is_placeholder(ref)]
+            if stray:
+                fail(
+                    s,
+                    BadRequest(
+                        f"{_quoted('Reference', stray)} "
+                        f"{'names' if len(stray) == 1 else 'name'} no entry of this transaction",
+                        expression=_where(s, stray),
+                    ),
+                )
 
 
 def _fail_ref(step: Step, err: FhirError, ref: str, fail: _Failures) -> None:
     if step.result is not None:
         return
     clone = copy.copy(err)
-    clone.expression = [f"{step.expr}.resource"]
+    clone.expression = _where(step, [ref])
     fail(step, clone)
+
+
+def _where(step: Step, refs: list[str]) -> list[str]:
+    """The FHIRPaths of the Reference.reference elements of `step` holding `refs`."""
+    root = f"{step.expr}.resource"
+    assert step.resource is not None
+    return list(dict.fromkeys(
+        e for ref in refs for e in reference_expressions(step.resource, ref, root=root)
+    ))
+
+
+def _quoted(noun: str, refs: list[str]) -> str:
+    return f"{noun} '{refs[0]}'" if len(refs) == 1 else f"{noun}s " + ", ".join(
+        f"'{r}'" for r in refs
+    )
 
 
 def _check_targets(conn: Connection, steps: list[Step], fail: _Failures) -> None:
@@ -369,30 +385,35 @@ def _check_targets(conn: Connection, steps: list[Step], fail: _Failures) -> None
     if not get_settings().referential_integrity:
         return
     written = {s.key for s in steps if s.result is None and s.key is not None}
-    wanted: dict[Key, list[Step]] = defaultdict(list)
+    wanted: dict[Key, list[tuple[Step, str]]] = defaultdict(list)
     for s in steps:
         if s.result is not None or s.resource is None or s.kind == "patch":
             continue
         for ref in s.refs:
             target = literal_target(ref)
             if target is not None and target not in written:
-                wanted[target].append(s)
+                wanted[target].append((s, ref))
     if not wanted:
         return
     present = repo.existing_keys(conn, list(wanted))
+    missing: dict[int, tuple[Step, list[str]]] = {}
     for target, users in wanted.items():
-        if target in present:
-            continue
-        for s in users:
-            if s.result is None:
-                fail(
-                    s,
-                    BadRequest(
-                        f"Reference '{target[0]}/{target[1]}' points to no existing resource",
-                        expression=f"{s.expr}.resource",
-                        code="not-found",
-                    ),
-                )
+        if target not in present:
+            for s, ref in users:
+                missing.setdefault(s.index, (s, []))[1].append(ref)
+    for index in sorted(missing):  # a transaction fails on its first entry, whatever the order
+        s, refs = missing[index]
+        refs = list(dict.fromkeys(refs))
+        if s.result is None:
+            fail(
+                s,
+                BadRequest(
+                    f"{_quoted('Reference', refs)} "
+                    f"{'points' if len(refs) == 1 else 'point'} to no existing resource",
+                    expression=_where(s, refs),
+                    code="not-found",
+                ),
+            )
 
 
 # --------------------------------------------------------------------------- writes
