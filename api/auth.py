@@ -20,7 +20,7 @@ What a route needs (SMART v2 letters; v1 `read` = `rs`, `write` = `cud`):
 | `PUT /fhir` (batch upsert) | `cu` on `*` |
 | `GET /fhir/T/id`, `…/_history/v`, `GET /fhir/T/id/_history` | `r` on T |
 | `GET /fhir/T?…`, `POST /fhir/T/_search`, `GET /fhir/T/_history` | `s` on T |
-| `POST /fhir/T` | `c` on T (`cs` with `If-None-Exist`) |
+| `POST /fhir/T` | `c` on T (`cs` with `If-None-Exist` or `POST /fhir/T?…`: conditional) |
 | `PUT /fhir/T/id` (may create: the id is the client's) | `cu` on T |
 | `PATCH /fhir/T/id` / `DELETE /fhir/T/id` | `u` / `d` on T |
 | `PUT` / `PATCH` / `DELETE /fhir/T?…` (conditional) | `cus` / `us` / `ds` on T |
@@ -36,6 +36,9 @@ store. So bundles need read and write on every type: `system/*.*` (or `system/*.
 same key could not do through REST. Batch upsert elements are PUTs by (checked) id, which `cu`
 on `*` allows through REST too. Any other route needs `r` on `*` for GET/HEAD and `cud` on `*`
 otherwise. Ids in paths are checked right after this hook (`api.ids`), before any view runs.
+
+A write is not a read: a REST write by a caller without `r` on the type is answered as with
+`Prefer: return=minimal` (a PATCH's answer would otherwise show elements the caller never sent).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from core.errors import FhirError, Forbidden, Unauthorized
 from core.fhir.outcome import from_error
 from core.store.db import get_engine
 
-__all__ = ["OPEN_PATHS", "register", "requirement"]
+__all__ = ["OPEN_PATHS", "caller_may", "register", "requirement"]
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +116,20 @@ def requirement(req: Request) -> Requirement | None:
         if letters is not None:
             return _R(rtype, letters)
         if endpoint == "fhir.create":
-            return _R(rtype, "cs" if "If-None-Exist" in req.headers else "c")
+            # `If-None-Exist`, or the search parameters on the URL: a conditional create.
+            conditional = "If-None-Exist" in req.headers or bool(req.query_string)
+            return _R(rtype, "cs" if conditional else "c")
         if endpoint == "fhir.conditional_write" and req.method in _CONDITIONAL:
             return _R(rtype, _CONDITIONAL[req.method])
     # A route added later without an entry here: the broadest need, never an open door.
     return _JOB_READ if req.method in ("GET", "HEAD") else _JOB_CONTROL
+
+
+def caller_may(resource_type: str, letters: str) -> bool:
+    """True when this request's caller holds `letters` on `resource_type` (every caller does
+    with FHIRQ_AUTH=off; a request that was not authenticated holds nothing)."""
+    principal: Principal | None = g.get("principal")
+    return principal is not None and principal.allows(_R(resource_type, letters))
 
 
 def _is_open(req: Request) -> bool:

@@ -17,6 +17,7 @@ from flask import Blueprint, Response, request
 from psycopg2 import errors as pg_errors
 from sqlalchemy.exc import OperationalError
 
+from api.auth import caller_may
 from api.http import (
     base_url,
     check_content_type,
@@ -166,10 +167,13 @@ def _rest(method: str, url: str, *, resource: Any = None, write: bool) -> Respon
     if resource is not None:
         entry["resource"] = resource
     ctx = context()
+    rtype = url.split("/")[0].split("?")[0]
+    if write and ctx.prefer_return == "representation" and not caller_may(rtype, "r"):
+        ctx.prefer_return = "minimal"  # a write is not a read (see api.auth)
     results = _in_transaction(lambda conn: execute_batch(conn, [(0, entry)], ctx))
     result = results[0]
     if not result.ok and result.outcome:
-        _strip_entry_prefix(result.outcome, url.split("/")[0].split("?")[0])
+        _strip_entry_prefix(result.outcome, rtype)
     return result_response(result, ctx, write=write, head=method == "HEAD")
 
 

@@ -114,6 +114,7 @@ def test_scope_hint_names_v1_and_v2_scopes() -> None:
         ("GET", "/fhir/Patient/_history", {}, ("Patient", "s")),
         ("POST", "/fhir/Patient", {}, ("Patient", "c")),
         ("POST", "/fhir/Patient", {"If-None-Exist": "identifier=a|b"}, ("Patient", "cs")),
+        ("POST", "/fhir/Patient?identifier=a|b", {}, ("Patient", "cs")),
         ("PUT", "/fhir/Patient/1", {}, ("Patient", "cu")),
         ("PATCH", "/fhir/Patient/1", {}, ("Patient", "u")),
         ("DELETE", "/fhir/Patient/1", {}, ("Patient", "d")),

@@ -86,6 +86,8 @@ CASES: list[Case] = [
     Case("/fhir/<rtype>", "POST", "/fhir/Patient", ("Patient", "c"), json=PATIENT),
     Case("/fhir/<rtype>", "POST", "/fhir/Patient", ("Patient", "cs"), json=PATIENT,
          headers={"If-None-Exist": "identifier=s|v"}),
+    Case("/fhir/<rtype>", "POST", "/fhir/Patient?identifier=s|v", ("Patient", "cs"),
+         json=PATIENT),
     Case("/fhir/<rtype>", "PUT", "/fhir/Patient?identifier=s|v", ("Patient", "cus"),
          json=PATIENT),
     Case("/fhir/<rtype>", "PATCH", "/fhir/Patient?identifier=s|v", ("Patient", "us"), **_PATCH),
@@ -261,3 +263,28 @@ def test_token_create_accepts_the_scrape_scope(engine: Engine) -> None:
     with engine.begin() as c:
         assert c.execute(text("DELETE FROM api_key WHERE owner = 'prometheus' "
                               "RETURNING scopes")).scalar_one() == ["system/metrics.read"]
+
+
+# --------------------------------------------------------------------------- a write is not a read
+
+
+def test_a_write_shows_the_resource_only_to_callers_that_may_read_it(
+    client: Any, tokens: dict[tuple[str, str], str], clean_db: Engine
+) -> None:
+    admin = bearer(tokens["api-key", "system/*.*"])
+    stored = {**PATIENT, "id": "w1", "name": [{"family": "Hidden"}]}
+    assert client.put("/fhir/Patient/w1", json=stored, headers=admin).status_code == 201
+    patch = {"data": json.dumps(JSON_PATCH), "content_type": "application/json-patch+json"}
+    for kind in ("api-key", "jwt"):
+        # A PATCH answer would show elements the caller never sent (the name).
+        blind = client.patch("/fhir/Patient/w1", headers=bearer(tokens[kind, "system/Patient.u"]),
+                             **patch)
+        assert blind.status_code == 200 and blind.data == b"", blind.get_data(as_text=True)
+        assert blind.headers["ETag"].startswith('W/"')
+        reader = bearer(tokens[kind, "system/Patient.cruds"])
+        seen = client.patch("/fhir/Patient/w1", headers=reader, **patch)
+        assert seen.status_code == 200 and seen.json["name"] == [{"family": "Hidden"}]
+        created = client.post("/fhir/Patient", json=PATIENT,
+                              headers=bearer(tokens[kind, "system/Patient.c"]))
+        assert created.status_code == 201 and created.data == b""
+        assert "/fhir/Patient/" in created.headers["Location"]
