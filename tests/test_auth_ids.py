@@ -30,6 +30,7 @@ BAD_IDS = [
     "%C3%A9",
     "x" * 65,
 ]
+CONTROL = {"a%0A", "a%00"}
 JOB = str(uuid.uuid4())
 
 
@@ -85,9 +86,11 @@ def test_every_id_in_every_path_is_checked_first(admin: tuple[Any, dict[str, str
             r = client.open(_path(rule, bad, where), method=method, headers=token,
                             buffered=True, **_body(method))
             assert r.status_code == 400, (where, bad, r.status_code, r.get_data(as_text=True))
-            if method != "HEAD":
+            if method == "HEAD":
+                continue
+            assert r.json["resourceType"] == "OperationOutcome"
+            if bad not in CONTROL:  # those the HTTP layer refuses first, naming the character
                 issue = r.json["issue"][0]
-                assert r.json["resourceType"] == "OperationOutcome"
                 assert issue["code"] == "value" and issue["expression"] == ["url"], issue
                 assert "not a valid" in issue["diagnostics"]
     _assert_canary_intact(client, token)
