@@ -1,21 +1,32 @@
 """Callback URLs: https only, public addresses only unless allowed (FHIRQ_CALLBACK_ALLOW), no
 userinfo, no redirects, the connection pinned to the checked address — against real HTTP
-receivers on loopback."""
+receivers on loopback. And delivery at least once: a delivery whose worker died is sent again
+by the reaper, with the same `X-Fhirq-Delivery-Id`."""
 
 from __future__ import annotations
 
 import http.server
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
+from sqlalchemy import Connection, Engine, text
 
+from core.jobs import reap_callbacks
 from core.jobs.callback import CallbackRefused, check_callback_url, deliver
 from tests.jobs_helpers import *  # noqa: F403 - fixtures
-from tests.jobs_helpers import job_id_of, patients_batch, submit
+from tests.jobs_helpers import (
+    WorkerProcess,
+    job_id_of,
+    patients_batch,
+    scalar,
+    submit,
+    wait_for,
+)
 
 REFUSED_WITHOUT_ALLOW = [
     "http://8.8.8.8/hook",  # http to a host not allowed
@@ -191,3 +202,71 @@ def test_submit_refuses_internal_callbacks_alike(api: Any, receiver: Receiver) -
     job_id_of(submit(api, patients_batch(1),
                      **{"X-Callback-Url": f"http://127.0.0.1:{receiver.port}/x"}))
     assert receiver.calls == []  # nothing is called at submit
+
+
+def test_a_lost_delivery_is_sent_again_with_the_same_id(
+    api: Any, session_worker: WorkerProcess, jobs_env: dict[str, str], clean_db: Engine
+) -> None:
+    """The worker dies while the receiver holds the first POST; the callback stays `sending`
+    until the reaper of another worker sends it again, carrying the same delivery id."""
+    if not session_worker.alive:
+        session_worker.start()
+    held, release = threading.Event(), threading.Event()
+    calls: list[dict[str, str]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server API
+            self.rfile.read(int(self.headers["Content-Length"]))
+            calls.append(dict(self.headers))
+            if len(calls) == 1:
+                held.set()
+                release.wait(60)  # the sender is killed meanwhile
+                return
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    second = None
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/done"
+        job_id = job_id_of(submit(api, patients_batch(3), **{"X-Callback-Url": url}))
+        assert held.wait(30), session_worker.tail()
+        session_worker.kill()
+        state = f"SELECT callback_state FROM job WHERE id = '{job_id}'"
+        assert scalar(clean_db, state) == "sending"
+        # A short callback timeout: this worker's reaper presumes the delivery lost after
+        # 4 × 1 + 5 + 5 s (one attempt's hard time limit) + FHIRQ_JOB_STALL_SECONDS (3 s).
+        second = WorkerProcess({**jobs_env, "FHIRQ_CALLBACK_TIMEOUT": "1"}).start()
+        wait_for(lambda: len(calls) >= 2, 60, "the callback to be sent again",
+                 on_timeout=second.tail)
+        wait_for(lambda: scalar(clean_db, state) == "sent", 10, "the callback to be sent")
+        assert calls[0]["X-Fhirq-Delivery-Id"] == calls[1]["X-Fhirq-Delivery-Id"] == f"{job_id}.0"
+        assert scalar(clean_db, f"SELECT callback_attempts FROM job WHERE id = '{job_id}'") == 2
+        time.sleep(2)  # the reaper runs every second: nothing more is sent
+        assert len(calls) == 2
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+        if second is not None:
+            second.stop()
+
+
+def test_the_reaper_gives_up_after_the_last_attempt(api: Any, conn: Connection) -> None:
+    job_ids = [job_id_of(submit(api, patients_batch(1), **{
+        "X-Callback-Url": "http://127.0.0.1:9/x"})) for _ in range(3)]
+    # (attempts made, claimed how long ago) of a callback stuck in `sending`
+    for job_id, (attempts, ago) in zip(job_ids, [(3, "1h"), (1, "1h"), (1, "0s")], strict=True):
+        conn.execute(text(
+            "UPDATE job SET state = 'completed', finished_at = now() - interval '1h', "
+            "callback_state = 'sending', callback_attempts = :attempts, "
+            "callback_claimed_at = now() - CAST(:ago AS interval) WHERE id = :id"),
+            {"id": job_id, "attempts": attempts, "ago": ago})
+    sent = reap_callbacks(conn, stall_seconds=3, lost_after=60, attempts=3)
+    assert [d.job_id for d in sent] == [job_ids[1]]
+    states = dict(conn.execute(text("SELECT id, callback_state FROM job")).all())
+    assert [states[j] for j in job_ids] == ["failed", "pending", "sending"]

@@ -26,10 +26,11 @@ from core.jobs import (
     jobs_url_for,
     mark_running,
     reap,
+    reap_callbacks,
     run_chunk,
     run_transaction_job,
 )
-from core.jobs.callback import deliver
+from core.jobs.callback import deliver, delivery_time_limit, retry_delay
 from core.logging import bind, reset
 from core.store.db import get_engine
 from worker.celery_app import celery
@@ -72,13 +73,21 @@ def transaction(conn: Connection, job_id: str, gen: int = 0) -> list[Dispatch]:
 @celery.task(base=JobTask, name="fhirq.reap")
 def reaper(conn: Connection) -> list[Dispatch]:
     cfg = get_settings()
-    return reap(conn, cfg.stall_seconds, cfg.inflight_chunks)
+    lost_after = delivery_time_limit(cfg.callback_timeout) + cfg.stall_seconds
+    return reap(conn, cfg.stall_seconds, cfg.inflight_chunks) + reap_callbacks(
+        conn, cfg.stall_seconds, lost_after, cfg.callback_attempts
+    )
 
 
-@celery.task(name="fhirq.callback", bind=True, max_retries=None)
+# The time limits end an attempt that a receiver drags out (one byte at a time); the callback
+# then stays `sending` and the reaper sends it again.
+@celery.task(name="fhirq.callback", bind=True, max_retries=None,
+             soft_time_limit=delivery_time_limit(get_settings().callback_timeout) - 5,
+             time_limit=delivery_time_limit(get_settings().callback_timeout))
 def callback(self: Task, job_id: str) -> None:
-    """POST the job's status to its callback URL, once. Two short transactions around the
-    HTTP call: the claim (so no other task sends it) and the outcome."""
+    """POST the job's status to its callback URL until one attempt succeeds (at least once:
+    see `reap_callbacks`). Two short transactions around the HTTP call: the claim (so no other
+    task sends it; it counts the attempt) and the outcome."""
     cfg = get_settings()
     with get_engine().begin() as conn:
         claim = claim_callback(conn, job_id)
@@ -89,12 +98,11 @@ def callback(self: Task, job_id: str) -> None:
     payload = job_json(job, jobs_url=jobs_url_for(job["base_url"]))
     sent = deliver(claim["callback_url"], payload, timeout=cfg.callback_timeout,
                    allow=cfg.callback_allow, delivery_id=claim["delivery_id"])
-    attempt = self.request.retries + 1
-    final = sent or attempt >= cfg.callback_attempts
+    final = sent or claim["attempt"] >= cfg.callback_attempts
     with get_engine().begin() as conn:
         finish_callback(conn, job_id, sent=sent, final=final)
     if not final:
-        raise self.retry(countdown=min(60, 2**attempt))
+        raise self.retry(countdown=retry_delay(claim["attempt"]))
 
 
 _TASKS = {"chunk": chunk, "transaction": transaction, "callback": callback}

@@ -5,7 +5,7 @@ talks to Redis.
 
     intake   accept_job: body → job + job_entry rows (COPY, split in SQL), Idempotency-Key
     runner   run_chunk / run_transaction_job: the worker side
-    control  cancel_job, retry_failed, reap, claim_callback / finish_callback
+    control  cancel_job, retry_failed, reap, reap_callbacks, claim_callback / finish_callback
     views    get_job, job_json, list_jobs, list_entries, stream_response
 """
 
@@ -15,6 +15,7 @@ from core.jobs.control import (
     finish_callback,
     mark_running,
     reap,
+    reap_callbacks,
     retry_failed,
 )
 from core.jobs.intake import Accepted, Submission, accept_job
@@ -49,6 +50,7 @@ __all__ = [
     "list_jobs",
     "mark_running",
     "reap",
+    "reap_callbacks",
     "retry_failed",
     "run_chunk",
     "run_transaction_job",

@@ -39,10 +39,12 @@ from core.errors import BadRequest
 __all__ = [
     "CallbackRefused",
     "DELIVERY_ID_HEADER",
+    "MAX_RETRY_DELAY",
     "check_callback_url",
     "deliver",
     "delivery_time_limit",
     "resolve",
+    "retry_delay",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,10 +75,19 @@ def resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
+# Seconds between attempts: 2, 4, 8, … up to this.
+MAX_RETRY_DELAY = 60
+
+
+def retry_delay(attempt: int) -> int:
+    return min(MAX_RETRY_DELAY, 2**attempt)
+
+
 def delivery_time_limit(timeout: float) -> int:
-    """Seconds one delivery attempt may take in all: connecting, sending, reading the answer
-    (each bounded by `timeout`), plus resolving the name."""
-    return int(4 * timeout) + 5
+    """Seconds one delivery attempt may take in all (the task's hard time limit): connecting,
+    sending, reading the answer (each bounded by `timeout`), resolving the name, and 5 s for
+    the task to end on its soft limit."""
+    return int(4 * timeout) + 10
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 from core.errors import Conflict, NotFound
+from core.jobs.callback import MAX_RETRY_DELAY
 from core.jobs.intake import initial_dispatches
 from core.jobs.model import Dispatch
 
@@ -19,6 +20,7 @@ __all__ = [
     "cancel_job",
     "retry_failed",
     "reap",
+    "reap_callbacks",
     "claim_callback",
     "finish_callback",
 ]
@@ -97,7 +99,8 @@ def retry_failed(
             """
             UPDATE job SET state = 'running', done = done - :n, failed = failed - :n,
                 gen = :gen, finished_at = NULL, updated_at = now(),
-                callback_state = CASE WHEN callback_url IS NULL THEN NULL ELSE 'pending' END
+                callback_state = CASE WHEN callback_url IS NULL THEN NULL ELSE 'pending' END,
+                callback_attempts = 0, callback_claimed_at = NULL
             WHERE id = :id
             """
         ),
@@ -121,7 +124,7 @@ def mark_running(conn: Connection, job_id: str) -> None:
 
 def reap(conn: Connection, stall_seconds: float, inflight: int) -> list[Dispatch]:
     """Revive active jobs that made no progress for `stall_seconds` (their tasks were lost:
-    a worker was killed, Redis was flushed) and finished jobs whose callback was never sent.
+    a worker was killed, Redis was flushed). `reap_callbacks` does the same for callbacks.
 
     A revived job gets a new dispatch generation: whatever old tasks still exist finish their
     chunk but no longer chain, so the number of tasks per job stays bounded. What runs is
@@ -149,17 +152,6 @@ def reap(conn: Connection, stall_seconds: float, inflight: int) -> list[Dispatch
         if job["pending"] == 0 and job["kind"] != "transaction":
             # Every entry is done but the last chunk died before counting: recount.
             _recount(conn, job["id"])
-    lost_callbacks = conn.execute(
-        text(
-            """
-            SELECT id FROM job
-            WHERE callback_state = 'pending' AND state IN ('completed', 'failed', 'cancelled')
-              AND finished_at < now() - make_interval(secs => :stall)
-            """
-        ),
-        {"stall": stall_seconds},
-    ).scalars().all()
-    out += [Dispatch("callback", job_id) for job_id in lost_callbacks]
     return out
 
 
@@ -179,16 +171,59 @@ def _recount(conn: Connection, job_id: str) -> None:
     )
 
 
+def reap_callbacks(
+    conn: Connection, stall_seconds: float, lost_after: float, attempts: int
+) -> list[Dispatch]:
+    """Send again the callbacks whose task was lost (delivery is at least once).
+
+    - `pending` for `stall_seconds` after the job ended and not waiting for a retry: its task
+      never ran (the broker lost it).
+    - `sending` for longer than `lost_after` (one attempt's time limit, and then some): the
+      worker died while sending. Resent unless all `attempts` were made (then `failed`).
+    A receiver may see one ending twice; `X-Fhirq-Delivery-Id` tells it so.
+    """
+    resent = conn.execute(
+        text(
+            """
+            UPDATE job SET callback_state =
+                CASE WHEN callback_attempts >= :attempts THEN 'failed' ELSE 'pending' END
+            WHERE callback_state = 'sending'
+              AND callback_claimed_at < now() - make_interval(secs => :lost)
+            RETURNING id, callback_state
+            """
+        ),
+        {"lost": lost_after, "attempts": attempts},
+    ).mappings().all()
+    for row in resent:
+        log.warning("job %s: callback delivery lost its worker; %s", row["id"],
+                    "sending again" if row["callback_state"] == "pending" else "giving up")
+    waiting = conn.execute(
+        text(
+            """
+            SELECT id FROM job
+            WHERE callback_state = 'pending' AND state IN ('completed', 'failed', 'cancelled')
+              AND finished_at < now() - make_interval(secs => :stall)
+              AND (callback_claimed_at IS NULL
+                   OR callback_claimed_at < now() - make_interval(secs => :retry))
+            """
+        ),
+        {"stall": stall_seconds, "retry": lost_after + MAX_RETRY_DELAY},
+    ).scalars().all()
+    ids = dict.fromkeys([r["id"] for r in resent if r["callback_state"] == "pending"] + waiting)
+    return [Dispatch("callback", job_id) for job_id in ids]
+
+
 def claim_callback(conn: Connection, job_id: str) -> dict[str, Any] | None:
-    """Take the job's pending callback (so that no other task sends it); None if there is
-    nothing to send."""
+    """Take the job's pending callback (so that no other task sends it) and count the attempt;
+    None if there is nothing to send."""
     row = conn.execute(
         text(
             """
-            UPDATE job SET callback_state = 'sending'
+            UPDATE job SET callback_state = 'sending', callback_claimed_at = now(),
+                callback_attempts = callback_attempts + 1
             WHERE id = :id AND callback_state = 'pending'
               AND state IN ('completed', 'failed', 'cancelled')
-            RETURNING id, owner, callback_url, gen
+            RETURNING id, owner, callback_url, gen, callback_attempts AS attempt
             """
         ),
         {"id": job_id},

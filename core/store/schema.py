@@ -108,6 +108,10 @@ job = Table(
     Column("body_hash", Text),
     Column("callback_url", Text),
     Column("callback_state", Text),  # NULL (none) | pending | sending | sent | failed
+    # Delivery attempts so far, and when the last one began (a `sending` callback claimed
+    # long ago lost its worker: the reaper sends it again).
+    Column("callback_attempts", Integer, nullable=False, server_default="0"),
+    Column("callback_claimed_at", DateTime(timezone=True)),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
