@@ -100,6 +100,7 @@ def poll(job_id: str) -> Response:
     the response document when done; the OperationOutcome and its status for a failed
     transaction; 404 once cancelled or dismissed."""
     job = _load(job_id)
+    job_id = job["id"]
     if job["dismissed_at"] is not None or job["state"] == "cancelled":
         raise NotFound(f"Job '{job_id}' was cancelled")
     if job["state"] in ACTIVE:
@@ -114,6 +115,7 @@ def poll(job_id: str) -> Response:
 
 @status_bp.delete("/_async/<job_id>")
 def cancel(job_id: str) -> Response:
+    job_id = _load(job_id)["id"]
     with get_engine().begin() as conn:
         state, dispatches = cancel_job(conn, job_id, _owner())
     if dispatches:
@@ -158,7 +160,7 @@ def entries(job_id: str) -> Response:
         raise BadRequest(f"outcome must be one of {allowed}", code="value")
     count = _int_arg("_count", 100, 1, MAX_COUNT)
     after = _int_arg("_after", -1, -1, 2**31 - 1)
-    _load(job_id)
+    job_id = _load(job_id)["id"]
     with get_engine().connect() as conn:
         page = list_entries(conn, job_id, outcome=outcome, count=count, after=after)
     body: dict[str, Any] = {"job": job_id, "entries": page, "next": None}
@@ -172,6 +174,7 @@ def entries(job_id: str) -> Response:
 
 @jobs_bp.post("/<job_id>/retry")
 def retry(job_id: str) -> Response:
+    job_id = _load(job_id)["id"]
     with get_engine().begin() as conn:
         n, dispatches = retry_failed(conn, job_id, _owner(), get_settings().inflight_chunks)
         job = get_job(conn, job_id, _owner())

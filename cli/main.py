@@ -53,7 +53,9 @@ def _require_database_url() -> None:
     show_default=True,
     help="Where the embedded PostgreSQL and Redis keep their data (env FHIRQ_DATA_DIR).",
 )
-@click.option("--host", default="127.0.0.1", show_default=True, help="Loopback address only.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Loopback runs without auth; any other address needs "
+              "FHIRQ_AUTH=required.")
 @click.option("--port", type=int, default=8080, show_default=True)
 @click.option("--api-workers", type=int, default=2, show_default=True, help="API processes.")
 @click.option("--api-threads", type=int, default=4, show_default=True, help="Threads each.")

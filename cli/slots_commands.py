@@ -4,7 +4,8 @@
     fhirq slots generate --weeks 4 --dry-run   # what four weeks would write, without writing
 
 Runs against FHIRQ_DATABASE_URL directly (like `fhirq db upgrade`); the job it submits is run by
-the workers of FHIRQ_REDIS_URL. Prints the run's summary as JSON.
+the workers of FHIRQ_REDIS_URL. Unset, both are those of the `fhirq up` running under
+FHIRQ_DATA_DIR (default `.fhirq`). Prints the run's summary as JSON.
 """
 
 from __future__ import annotations
@@ -33,8 +34,14 @@ def slots() -> None:
 @click.option("--dry-run", is_flag=True, help="Count what would be written; write nothing.")
 def generate(weeks: int | None, dry_run: bool) -> None:
     """Create the free Slots that availability gives and the store lacks (idempotent)."""
+    from cli import running
+
+    running.embedded_environment()
     if not os.environ.get("FHIRQ_DATABASE_URL"):
-        raise click.ClickException("FHIRQ_DATABASE_URL is not set")
+        raise click.ClickException(
+            "FHIRQ_DATABASE_URL is not set and no `fhirq up` is running under "
+            f"{running.data_dir()} (start it, or set FHIRQ_DATA_DIR to its data directory)"
+        )
     from core.config import get_settings
     from core.jobs.slots import SlotSettings, plan_slot_entries, submit_slot_job
     from core.store.db import get_engine

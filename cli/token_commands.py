@@ -12,9 +12,6 @@ verified.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import click
 from sqlalchemy import Engine
 
@@ -28,19 +25,16 @@ def register(group: click.Group) -> None:
 
 
 def _engine() -> Engine:
+    from cli import running
     from core.store.db import get_engine
 
-    url = os.environ.get("FHIRQ_DATABASE_URL")
-    if not url:
-        from cli import embedded
-
-        data_dir = Path(os.environ.get("FHIRQ_DATA_DIR") or ".fhirq")
-        url = embedded.postgres_url(data_dir) if (data_dir / "postgres").is_dir() else None
-        if url is None:
-            raise click.ClickException(
-                "FHIRQ_DATABASE_URL is not set and no embedded PostgreSQL is running under "
-                f"{data_dir} (start `fhirq up`, or set FHIRQ_DATA_DIR to its data directory)"
-            )
+    url = running.database_url()
+    if url is None:
+        raise click.ClickException(
+            "FHIRQ_DATABASE_URL is not set and no embedded PostgreSQL is running under "
+            f"{running.data_dir()} (start `fhirq up`, or set FHIRQ_DATA_DIR to its data "
+            "directory)"
+        )
     return get_engine(url)
 
 
@@ -85,10 +79,21 @@ def _row(key: ApiKey) -> list[str]:
 
 @token.command("list")
 @click.option("--owner", default=None, help="Only this owner's keys.")
-def list_(owner: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="The keys as JSON, for scripts.")
+def list_(owner: str | None, as_json: bool) -> None:
     """List keys (never their tokens), revoked ones included."""
     with _engine().connect() as conn:
         keys = list_keys(conn, owner)
+    if as_json:
+        import orjson
+
+        click.echo(orjson.dumps([
+            {"id": k.id, "owner": k.owner, "scopes": list(k.scopes), "name": k.name,
+             "createdAt": k.created_at.isoformat(),
+             "revokedAt": k.revoked_at.isoformat() if k.revoked_at else None}
+            for k in keys
+        ], option=orjson.OPT_INDENT_2))
+        return
     rows = [["id", "owner", "scopes", "created", "revoked", "name"]] + [_row(k) for k in keys]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:

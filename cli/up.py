@@ -27,7 +27,7 @@ import click
 import httpx
 import psutil
 
-from cli import embedded, procutil
+from cli import embedded, procutil, running
 from cli.processes import api_argv, beat_argv, format_host, gunicorn_has_setting, worker_argv
 
 __all__ = ["UpError", "UpOptions", "auth_mode", "curl_example", "is_loopback", "serve"]
@@ -259,8 +259,35 @@ def _start(
 
     origin = f"http://{format_host(opts.host)}:{opts.port}"
     _wait_healthy(f"{origin}/healthz", children[0].proc, opts.ready_timeout)
+    _wait_worker(redis_url, children[1].proc, opts.ready_timeout)
+    stack.callback(running.forget, data_dir)
+    running.record(data_dir, running.RunningStack(
+        pid=os.getpid(), server=origin, auth=auth,
+        database_url=None if os.environ.get("FHIRQ_DATABASE_URL") else db_url,
+        redis_url=None if os.environ.get("FHIRQ_REDIS_URL") else redis_url,
+    ))
     _banner(opts, data_dir, base_url, [c.name for c in children], auth)
     return watched
+
+
+def _wait_worker(broker_url: str, worker: subprocess.Popen[bytes], timeout: float) -> None:
+    """Until a worker answers a ping over the broker: "fhirq is up" means a job submitted now
+    starts at once, not only that the API answers."""
+    from celery import Celery
+
+    app = Celery(broker=broker_url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if worker.poll() is not None:
+                raise UpError(f"the worker exited during startup (status {worker.returncode})")
+            with contextlib.suppress(Exception):  # broker still starting: try again
+                if app.control.ping(timeout=0.5):
+                    return
+            time.sleep(0.2)
+    finally:
+        app.close()
+    click.echo("fhirq: the worker has not answered yet; jobs wait until it does", err=True)
 
 
 def _banner(

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, Engine, text
 
+from core.errors import BadRequest
 from core.fhir.model import EntryResult, format_instant
 from core.fhir.resources import row_to_resource
 
@@ -42,12 +43,34 @@ ENTRY_FILTERS = {
 }
 
 
+# People copy job ids from progress bars and tables that show their first characters: any
+# prefix this long that names one job of the owner stands for it.
+MIN_ID_PREFIX = 6
+
+
 def get_job(conn: Connection, job_id: str, owner: str) -> dict[str, Any] | None:
+    """The owner's job with this id, or with an id starting with it (at least MIN_ID_PREFIX
+    characters). A prefix that several jobs share is an error naming them."""
     row = conn.execute(
         text(f"SELECT {JOB_COLUMNS} FROM job WHERE id = :id AND owner = :owner"),
         {"id": job_id, "owner": owner},
     ).mappings().first()
-    return dict(row) if row else None
+    if row is not None or len(job_id) < MIN_ID_PREFIX:
+        return dict(row) if row else None
+    rows = conn.execute(
+        text(
+            f"SELECT {JOB_COLUMNS} FROM job WHERE owner = :owner "
+            "AND left(id, length(:prefix)) = :prefix ORDER BY created_at DESC LIMIT 5"
+        ),
+        {"prefix": job_id, "owner": owner},
+    ).mappings().all()
+    if len(rows) > 1:
+        shown = ", ".join(r["id"] for r in rows)
+        raise BadRequest(
+            f"Job id prefix '{job_id}' names several of your jobs ({shown}); give more of it",
+            code="multiple-matches",
+        )
+    return dict(rows[0]) if rows else None
 
 
 def _instant(value: datetime | None) -> str | None:
