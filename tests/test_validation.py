@@ -121,6 +121,7 @@ def test_r4_types_are_the_library_r4b_types_adjusted() -> None:
 def test_every_r4_type_compiles_and_accepts_a_minimal_instance() -> None:
     preload_validators()
     assert all(_validator(rtype) for rtype in R4_RESOURCE_TYPES)
+    assert all(_validator(rtype, complete=True) for rtype in ("Observation", "Bundle", "Claim"))
     validate_resource({"resourceType": "Basic", "code": {"text": "x"}})
     validate_resource({"resourceType": "Binary", "contentType": "text/plain", "data": "aGk="})
     validate_resource({"resourceType": "Parameters", "parameter": [{"name": "a",

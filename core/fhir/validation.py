@@ -33,6 +33,10 @@ How it validates, and why not `Model.model_validate`
     dates, choice groups and required primitives. It is also
     stricter than the library where the library is laxer than FHIR JSON: `"true"` for a
     boolean, `"3"` for an integer, `null` for an element and empty strings are rejected.
+    A resource the fast validator rejects is checked again by a second, complete validator
+    (compiled per type on first need) that reports every failing element, one issue each:
+    the fast one skips the choice and required-primitive rules of an object whose other
+    elements already failed.
 
 Status codes (http.html: 400 "could not be parsed or failed basic FHIR validation rules", 422
 "violated applicable FHIR profiles or server business rules")
@@ -383,7 +387,12 @@ def validate_resource(
     id_problem = _id_problem(resource.get("id"), f"{root}.id", expected_id, require_id)
     try:
         _validator(rtype).validate_python(resource)
-    except ValidationError as err:
+    except ValidationError as first:
+        err = first
+        try:  # the fast validator stops at some problems; the complete one finds them all
+            _validator(rtype, complete=True).validate_python(resource)
+        except ValidationError as every:
+            err = every
         raise _bad_request(err, root, resource, id_problem) from None
     if id_problem is not None:
         raise BadRequest(id_problem.text, code=id_problem.code, expression=id_problem.expression)
@@ -751,11 +760,14 @@ def _primitive_schema(name: str) -> cs.CoreSchema:
     return inner
 
 
-def _element_rules(model: Model) -> Any:
+def _element_rules(model: Model, complete: bool) -> Any:
     """Checks a typed dict cannot express: one type per choice element, required primitives
-    (present as `x` or, with only extensions, as `_x`). A wrap validator, so that these are
-    reported together with whatever the typed dict finds wrong in the same object (an
-    Observation missing both `status` and `code` is two problems, not the first one)."""
+    (present as `x` or, with only extensions, as `_x`).
+
+    The fast validator checks them after the typed dict (an after validator, skipped when the
+    typed dict already failed). The complete one, run only to report a resource the fast one
+    rejected, wraps the typed dict, so that these problems are reported together with the
+    typed dict's (an Observation missing both `status` and `code` is two problems)."""
     groups: dict[str, tuple[bool, set[str]]] = {}
     required: list[str] = []
     for e in model_elements(model):
@@ -783,7 +795,13 @@ def _element_rules(model: Model) -> Any:
                 out.append(_rule_error("fhir_required", f"{key} is required", key, data))
         return out or None
 
-    def check(data: Any, handler: cs.ValidatorFunctionWrapHandler) -> Any:
+    def after(data: dict[str, Any]) -> dict[str, Any]:
+        problems = broken(data)
+        if problems is not None:
+            raise ValidationError.from_exception_data("fhir", problems)
+        return data
+
+    def wrap(data: Any, handler: cs.ValidatorFunctionWrapHandler) -> Any:
         problems = broken(data) if type(data) is dict else None
         if problems is None:
             return handler(data)
@@ -793,7 +811,7 @@ def _element_rules(model: Model) -> Any:
             problems += [_reraised(item) for item in err.errors(include_url=False)]
         raise ValidationError.from_exception_data("fhir", problems)
 
-    return check
+    return wrap if complete else after
 
 
 def _rule_error(kind: str, text: str, element: str, data: Any) -> InitErrorDetails:
@@ -812,8 +830,9 @@ def _reraised(item: Any) -> InitErrorDetails:
 class _SchemaBuilder:
     """Turns one model and every model it reaches into pydantic-core definitions."""
 
-    def __init__(self) -> None:
+    def __init__(self, complete: bool) -> None:
         self._definitions: dict[str, cs.CoreSchema] = {}
+        self._complete = complete
 
     def validator(self, model: Model | None, rtype: str) -> SchemaValidator:
         top = self._model_schema(model, rtype) if model is None else self._ref(model)
@@ -841,17 +860,21 @@ class _SchemaBuilder:
             fields["resourceType"] = cs.typed_dict_field(
                 cs.literal_schema([model.get_resource_type()])
             )
-        rules = _element_rules(model)
+        rules = _element_rules(model, self._complete)
         if rules is None:
             return cs.typed_dict_schema(fields, extra_behavior="forbid", total=False, ref=ref)
         inner = cs.typed_dict_schema(fields, extra_behavior="forbid", total=False)
-        return cs.no_info_wrap_validator_function(rules, inner, ref=ref)
+        if self._complete:
+            return cs.no_info_wrap_validator_function(rules, inner, ref=ref)
+        return cs.no_info_after_validator_function(rules, inner, ref=ref)
 
     def _fields(self, model: Model) -> dict[str, cs.TypedDictField]:
         fields: dict[str, cs.TypedDictField] = {}
         for e in model_elements(model):
             if e.any_resource:
-                item: cs.CoreSchema = cs.no_info_plain_validator_function(_any_resource)
+                item: cs.CoreSchema = cs.no_info_plain_validator_function(
+                    _any_complete_resource if self._complete else _any_resource
+                )
             elif e.model is not None:
                 item = self._ref(e.model)
             else:
@@ -865,7 +888,7 @@ class _SchemaBuilder:
         return fields
 
 
-def _any_resource(value: Any) -> Any:
+def _any_resource(value: Any, complete: bool = False) -> Any:
     if not isinstance(value, dict):
         raise PydanticCustomError("dict_type", "must be a JSON object")
     rtype = value.get("resourceType")
@@ -874,11 +897,15 @@ def _any_resource(value: Any) -> Any:
             "fhir_resource", "must be a resource of a known R4 type, got resourceType {rtype}",
             {"rtype": _show(rtype)},
         )
-    _validator(rtype).validate_python(value)
+    _validator(rtype, complete=complete).validate_python(value)
     return value
 
 
-_VALIDATORS: dict[str, SchemaValidator] = {}
+def _any_complete_resource(value: Any) -> Any:
+    return _any_resource(value, complete=True)
+
+
+_VALIDATORS: dict[tuple[str, bool], SchemaValidator] = {}
 
 
 def preload_validators(resource_types: Iterable[str] = R4_RESOURCE_TYPES) -> None:
@@ -890,9 +917,11 @@ def preload_validators(resource_types: Iterable[str] = R4_RESOURCE_TYPES) -> Non
             _validator(rtype)
 
 
-def _validator(rtype: str) -> SchemaValidator:
-    """The compiled validator of one resource type, built on first use (a few ms each)."""
-    found = _VALIDATORS.get(rtype)
+def _validator(rtype: str, *, complete: bool = False) -> SchemaValidator:
+    """The compiled validator of one resource type, built on first use (a few ms each): the
+    fast one, or the `complete` one that reports every problem (see `_element_rules`)."""
+    found = _VALIDATORS.get((rtype, complete))
     if found is None:
-        found = _VALIDATORS[rtype] = _SchemaBuilder().validator(resource_model(rtype), rtype)
+        builder = _SchemaBuilder(complete)
+        found = _VALIDATORS[rtype, complete] = builder.validator(resource_model(rtype), rtype)
     return found
