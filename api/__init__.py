@@ -13,7 +13,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["FHIRQ"] = settings or get_settings()
 
-    from api import auth, errors, fhir, health, ids, jobs, metrics, ui
+    from api import auth, errors, fhir, health, ids, jobs, metrics, openapi, ui
     from api.guard import guard
 
     errors.register(app)
@@ -26,4 +26,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.wsgi_app = guard(app.wsgi_app, app.config["FHIRQ"])  # type: ignore[method-assign]
     metrics.register(app)  # /metrics, request latency and access log, job id in log context
     app.register_blueprint(ui.bp)
+    app.register_blueprint(openapi.bp)
     return app

@@ -7,7 +7,8 @@ every request runs as owner `anonymous` with every scope.
 
 Open without a token: GET / HEAD of `/healthz`, `/readyz` (probes carry no tokens),
 `/fhir/metadata` (SMART makes the CapabilityStatement public so clients can discover how to
-authenticate) and `/ui` (a static page: its own requests carry the token); CORS preflights
+authenticate), `/ui` (a static page: its own requests carry the token) and `/openapi.json`
+(the description of the routes, no data); CORS preflights
 (`OPTIONS`). `/metrics` counts the jobs of every owner, so it takes a scraper's credentials: a
 token with the scope `system/metrics.read` (no other scope implies it), or the shared secret
 FHIRQ_METRICS_TOKEN as the bearer token.
@@ -60,7 +61,7 @@ __all__ = ["OPEN_PATHS", "caller_may", "register", "requirement"]
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/fhir/metadata", "/ui"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/fhir/metadata", "/ui", "/openapi.json"})
 METRICS_ENDPOINT = "metrics.metrics"
 REALM = "fhirq"
 

@@ -111,6 +111,7 @@ CASES: list[Case] = [
     *_both("/healthz", "/healthz", OPEN),
     *_both("/readyz", "/readyz", OPEN),
     *_both("/ui", "/ui", OPEN),
+    *_both("/openapi.json", "/openapi.json", OPEN),
     # Flask's own route: nothing listed it, so it gets the broadest need, never an open door.
     *_both("/static/<path:filename>", "/static/x.js", ("*", "r")),
 ]
