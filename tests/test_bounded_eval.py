@@ -12,7 +12,7 @@ import pytest
 
 from core.errors import BadRequest, FhirError, Unprocessable
 from core.fhir.fhirpath import bounded, evaluate
-from core.fhir.patch import apply_fhirpath_patch
+from core.fhir.patch import apply_fhirpath_patch, apply_json_patch
 from tests.builders import send
 from tests.jobs_helpers import *  # noqa: F403 - fixtures
 from tests.jobs_helpers import WorkerProcess, job_id_of, submit, wait_job
@@ -144,3 +144,17 @@ def test_async_batch_entry_over_budget_fails_alone(api: Any, worker: WorkerProce
     assert [entries[i]["status"] for i in (2, 3)] == [201, 200]
     assert send(api, "GET", "/fhir/Patient/slow").json["gender"] == "male"
     assert took < 2 + 30
+
+
+def test_json_patch_copies_cannot_grow_the_resource_exponentially() -> None:
+    doc = {"resourceType": "Patient", "id": "p", "contained": [
+        {"resourceType": "Basic", "id": "b", "code": {"text": "x" * 100}}]}
+    doubling = [{"op": "copy", "from": "/contained", "path": "/contained/-"}] * 40
+    started = time.monotonic()
+    with pytest.raises(Unprocessable) as err:
+        apply_json_patch(doc, doubling, expression="Bundle.entry[1].resource")
+    assert time.monotonic() - started < 2
+    assert err.value.code == "too-costly" and "FHIRQ_SYNC_MAX_BYTES" in err.value.diagnostics
+    assert err.value.expression == ["Bundle.entry[1].resource"]
+    patched = apply_json_patch(doc, doubling[:3])
+    assert len(patched["contained"]) == 4

@@ -133,27 +133,51 @@ def apply_json_patch(resource: dict, patch: list | dict, *, expression: str = ""
     rtype = str(resource.get("resourceType", ""))
     for i, op in enumerate(ops):
         _check_json_patch_op(i, op, expression)
+    # Each operation costs time linear in the patch and the resource, except copies, which
+    # can double the resource each: those are bounded by size, so no time budget is needed.
     doc = _deep_copy(resource)
+    copied = 0
     for i, op in enumerate(ops):
-        try:
-            doc = jsonpatch.JsonPatch([op]).apply(doc, in_place=True)
-        except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException,
-                TypeError, ValueError, KeyError, IndexError) as exc:
-            if isinstance(exc, jsonpatch.InvalidJsonPatch):
-                raise BadRequest(
-                    f"JSON Patch operation {i} is malformed: {exc}", expression=expression or None
-                ) from None
-            target = _pointer_fhirpath(rtype, op.get("path", ""))
-            failed = "test failed" if isinstance(exc, jsonpatch.JsonPatchTestFailed) else (
-                "cannot be applied"
-            )
-            raise Unprocessable(
-                f"JSON Patch operation {i} ({op['op']} {op.get('path')!r}, {target}) {failed}: "
-                f"{_reason(exc)}",
-                expression=expression or None,
-            ) from None
+        if op["op"] == "copy":
+            copied += _copy_size(doc, op["from"], copied, i, expression)
+        doc = _apply_json_op(doc, op, i, rtype, expression)
     _check_identity(resource, doc, "The JSON Patch", expression)
     return doc
+
+
+def _copy_size(doc: Any, pointer: str, copied: int, i: int, expression: str) -> int:
+    # Each copy can double the resource: 30 operations would make gigabytes of it.
+    try:
+        size = len(orjson.dumps(jsonpointer.resolve_pointer(doc, pointer, None)))
+    except jsonpointer.JsonPointerException:
+        return 0  # the operation itself reports it
+    limit = get_settings().sync_max_bytes
+    if copied + size > limit:
+        raise Unprocessable(
+            f"JSON Patch operation {i} would copy more than {limit} bytes in all "
+            "(FHIRQ_SYNC_MAX_BYTES)", code="too-costly", expression=expression or None,
+        )
+    return size
+
+
+def _apply_json_op(doc: Any, op: dict[str, Any], i: int, rtype: str, expression: str) -> Any:
+    try:
+        return jsonpatch.JsonPatch([op]).apply(doc, in_place=True)
+    except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException,
+            TypeError, ValueError, KeyError, IndexError) as exc:
+        if isinstance(exc, jsonpatch.InvalidJsonPatch):
+            raise BadRequest(
+                f"JSON Patch operation {i} is malformed: {exc}", expression=expression or None
+            ) from None
+        target = _pointer_fhirpath(rtype, op.get("path", ""))
+        failed = "test failed" if isinstance(exc, jsonpatch.JsonPatchTestFailed) else (
+            "cannot be applied"
+        )
+        raise Unprocessable(
+            f"JSON Patch operation {i} ({op['op']} {op.get('path')!r}, {target}) {failed}: "
+            f"{_reason(exc)}",
+            expression=expression or None,
+        ) from None
 
 
 def _reason(exc: Exception) -> str:
