@@ -324,3 +324,19 @@ def test_plans_are_immutable() -> None:
     e: PlannedEntry = p.entries[0]
     with pytest.raises(AttributeError):
         e.id = "other"  # type: ignore[misc]
+
+
+def test_a_transaction_over_its_size_cap_is_413() -> None:
+    entries = [(i, post(patient())) for i in range(3)]
+    assert len(plan_transaction(entries, max_entries=3).entries) == 3
+    with pytest.raises(FhirError) as info:
+        plan_transaction(entries, max_entries=2)
+    assert info.value.status == 413 and info.value.expression == ["Bundle.entry"]
+
+
+def test_reads_come_after_every_write_so_a_failing_read_rolls_them_back() -> None:
+    # Execution fails the transaction on a failing GET/HEAD (tests/test_transactions.py); the
+    # plan's part is that reads run last, after every write they could observe.
+    p = plan(get("Patient/1"), head("HEAD", "Patient/2"), post(patient()), delete("Patient/3"))
+    phases = [p.entries[i].phase for i in p.order]
+    assert phases == sorted(phases) and phases[-2:] == [3, 3]
