@@ -138,8 +138,6 @@ def test_fhirpy_conditional_update_and_delete(base: str, engine: Engine, tag: st
     assert count(engine, SYSTEM, tag) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="POST [base]/Type?params as a conditional create "
-                   "(issue 7, item 8) is not on main yet: the query is ignored")
 def test_fhirpy_get_or_create_twice_makes_one_resource(base: str, engine: Engine,
                                                        tag: str) -> None:
     client = fhirpy_client(base)
