@@ -1,0 +1,577 @@
+"""Hostile input, generated: every request a client can get wrong gets a 2xx or a 4xx
+OperationOutcome — never a 5xx, never a hang — and a request that is refused changes nothing
+stored.
+
+Property-based (hypothesis). The sync run sends FHIRQ_HOSTILE_EXAMPLES (default 1,100) requests
+through the Flask app over the real PostgreSQL: bundles (batch and transaction) whose envelope
+and entries are valid templates with one or two members replaced by hostile JSON (wrong types,
+control characters, huge numbers, odd strings), REST writes, JSON Patch and FHIRPath Patch
+bodies, batch upserts (array and NDJSON), raw bodies, search URLs, instance paths, job routes,
+each with a few hostile headers. A set of canary resources (several versions, a deletion, a
+reference) is compared in SQL (content, versions, history) before and after each request; a
+refused one must leave it as it was. The async run submits a sample of the same bundles as jobs
+to a real Celery worker and polls each to its end.
+
+Reproducible: FHIRQ_HOSTILE_SEED picks the seed (printed in the summary line and in every
+failure), e.g. `FHIRQ_HOSTILE_SEED=7 python -m pytest -q tests/test_hostile.py`.
+Not generated here (covered by tests/test_bounded_eval.py and tests/test_slow_clients.py):
+catastrophic regular expressions in FHIRPath and slow clients.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, note, seed, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, text
+
+from tests.jobs_helpers import *  # noqa: F403 - fixtures
+from tests.jobs_helpers import wait_job
+
+SEED = int(os.environ.get("FHIRQ_HOSTILE_SEED", "20261201"))
+EXAMPLES = int(os.environ.get("FHIRQ_HOSTILE_EXAMPLES", "1100"))
+ASYNC_JOBS = int(os.environ.get("FHIRQ_HOSTILE_JOBS", "8"))
+# A request that takes longer than this is a hang (the app runs in this process: generous).
+REQUEST_SECONDS = float(os.environ.get("FHIRQ_HOSTILE_TIMEOUT", "20"))
+
+CANARY = "canary-"
+
+# --------------------------------------------------------------------------- hostile values
+
+CONTROL = [chr(c) for c in range(0x20) if c not in (9, 10, 13)] + ["\x7f"]
+NASTY = [
+    "", " ", "\x00", "a\x00b", "\x01", "\x1f", "%00", "%", "%zz", "%2F", "²", "١٢", "-1", "0",
+    "9223372036854775808", "2147483648", "99999999999999999999999", "1e400", "NaN", "null",
+    "true", "'", '"', "\\", "\\u0000", "../..", "Patient", "Patient/canary-1",
+    "Patient?identifier=urn:canary|canary-1", "urn:uuid:" + str(uuid.UUID(int=1)), 'W/"1"',
+    'W/"²"', "W/", "a" * 300, "💥", "' OR 1=1 --", "$everything", "_history", "_search", "*",
+    "|", ",", "$", ":", "gt", "ge2020-01-01", "2020-13-45", "9999-12-31T23:59:59Z",
+    "0001-01-01", "1970-01-01T00:00:00+99:00", "Patient.name", "http://127.0.0.1/x",
+    "canary-1", "canary-del", "#", "?", "&", "=",
+]
+EDGE_INTS = [2**31 - 1, 2**31, 2**63 - 1, 2**63, -(2**63) - 1, 10**30, -1, 0]
+KEYS = [
+    "resourceType", "id", "meta", "versionId", "name", "family", "given", "url", "method",
+    "op", "path", "from", "value", "reference", "_birthDate", "birthDate", "extension",
+    "contained", "entry", "request", "resource", "fullUrl", "ifMatch", "ifNoneExist",
+    "ifNoneMatch", "parameter", "part", "valueString", "valueCode", "valueInteger", "type",
+    "subject", "identifier", "system", "data", "contentType",
+]
+
+hostile_text = st.one_of(
+    st.sampled_from(NASTY),
+    st.text(max_size=12),
+    st.text(alphabet=st.sampled_from([*CONTROL, "a", "|", ",", "$", ":", "/"]), max_size=6),
+)
+hostile_key = st.one_of(st.sampled_from(KEYS), hostile_text)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.sampled_from(EDGE_INTS),
+    st.floats(allow_nan=False, allow_infinity=False),
+    hostile_text,
+)
+json_values = st.recursive(
+    scalars,
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=3), st.dictionaries(hostile_key, kids, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+# --------------------------------------------------------------------------- templates
+
+
+def patient(rid: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "resourceType": "Patient",
+        "identifier": [{"system": "urn:canary", "value": rid or "new"}],
+        "name": [{"family": "Canary", "given": ["A"]}],
+        "birthDate": "1970-01-01",
+        "telecom": [{"system": "phone", "value": "555"}],
+    }
+    if rid:
+        body["id"] = rid
+    return body
+
+
+def observation() -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8302-2"}]},
+        "subject": {"reference": "Patient/canary-1"},
+        "effectiveDateTime": "2020-01-01T00:00:00Z",
+        "valueQuantity": {"value": 180, "unit": "cm"},
+    }
+
+
+JSON_PATCH = [
+    {"op": "replace", "path": "/birthDate", "value": "1980-02-02"},
+    {"op": "add", "path": "/name/0/given/-", "value": "B"},
+]
+FHIRPATH_PATCH = {
+    "resourceType": "Parameters",
+    "parameter": [{"name": "operation", "part": [
+        {"name": "type", "valueCode": "replace"},
+        {"name": "path", "valueString": "Patient.birthDate"},
+        {"name": "value", "valueDate": "1981-03-03"},
+    ]}],
+}
+
+
+def binary(ops: Any) -> dict[str, Any]:
+    import base64
+
+    return {"resourceType": "Binary", "contentType": "application/json-patch+json",
+            "data": base64.b64encode(json.dumps(ops).encode()).decode()}
+
+
+def entry_templates() -> list[dict[str, Any]]:
+    return [
+        {"fullUrl": "urn:uuid:" + str(uuid.UUID(int=7)), "resource": patient(),
+         "request": {"method": "POST", "url": "Patient",
+                     "ifNoneExist": "identifier=urn:canary|new"}},
+        {"resource": patient("canary-1"),
+         "request": {"method": "PUT", "url": "Patient/canary-1", "ifMatch": 'W/"2"'}},
+        {"resource": patient("canary-2"), "request": {"method": "PUT", "url": "Patient/canary-2"}},
+        {"resource": observation(), "request": {"method": "POST", "url": "Observation"}},
+        {"request": {"method": "DELETE", "url": "Patient?identifier=urn:canary|canary-3"}},
+        {"request": {"method": "DELETE", "url": "Patient/canary-4"}},
+        {"request": {"method": "GET", "url": "Patient?family=Canary&_count=2"}},
+        {"request": {"method": "GET", "url": "Patient/canary-1/_history/1"}},
+        {"resource": binary(JSON_PATCH), "request": {"method": "PATCH", "url": "Patient/canary-2"}},
+        {"resource": FHIRPATH_PATCH, "request": {"method": "PATCH", "url": "Patient/canary-1"}},
+    ]
+
+
+# --------------------------------------------------------------------------- mutation
+
+
+def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    yield prefix
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            yield from _paths(v, (*prefix, i))
+
+
+@st.composite
+def mutated(draw: Any, template: Any, max_changes: int = 2) -> Any:
+    """`template` with 1..max_changes members replaced by hostile JSON, deleted, or added."""
+    doc = copy.deepcopy(template)
+    for _ in range(draw(st.integers(1, max_changes))):
+        path = draw(st.sampled_from(list(_paths(doc))))
+        value = draw(json_values)
+        if not path:
+            doc = value
+            continue
+        parent = doc
+        for step in path[:-1]:
+            parent = parent[step]
+        action = draw(st.sampled_from(["replace", "replace", "delete", "add"]))
+        if action == "replace":
+            parent[path[-1]] = value
+        elif action == "delete":
+            del parent[path[-1]]
+        elif isinstance(parent, dict):
+            parent[draw(hostile_key)] = value
+        else:
+            parent.append(value)
+    return doc
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass
+class Req:
+    method: str
+    path: str
+    body: bytes | None = None
+    content_type: str | None = "application/fhir+json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        body = (self.body or b"")[:400]
+        return (f"Req({self.method} {self.path[:300]!r} type={self.content_type!r} "
+                f"headers={self.headers!r} body={body!r})")
+
+
+def dump(draw: Any, doc: Any) -> bytes:
+    return json.dumps(doc, ensure_ascii=draw(st.booleans())).encode()
+
+
+header_value = st.one_of(
+    st.sampled_from(NASTY[:-10]),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"),
+            max_size=12),
+).filter(lambda v: "respond-async" not in v)  # the sync run queues no jobs
+HEADER_NAMES = ["Prefer", "If-Match", "If-None-Exist", "If-None-Match", "Accept",
+                "If-Modified-Since", "Idempotency-Key", "X-Callback-Url", "Authorization",
+                "X-Forwarded-Host", "X-Hostile"]
+
+
+@st.composite
+def headers(draw: Any) -> dict[str, str]:
+    names = draw(st.lists(st.sampled_from(HEADER_NAMES), max_size=2, unique=True))
+    out = {n: draw(header_value) for n in names}
+    if draw(st.booleans()):
+        out["Prefer"] = draw(st.sampled_from(
+            ["return=minimal", "return=representation", "return=OperationOutcome"]))
+    return out
+
+
+TARGET_IDS = ["canary-1", "canary-2", "canary-del", "canary-obs", "nobody"]
+target_id = st.one_of(st.sampled_from(TARGET_IDS), hostile_text)
+
+
+def seg(draw: Any, value: str) -> str:
+    """A path segment, percent-encoded (or, sometimes, raw where it is safe to send raw)."""
+    return quote(value, safe=draw(st.sampled_from(["", "$:@", "/?=&"])))
+
+
+@st.composite
+def bundle_requests(draw: Any) -> Req:
+    entries = draw(st.lists(
+        st.sampled_from(entry_templates()).flatmap(mutated), min_size=1, max_size=3))
+    if draw(st.booleans()):  # some valid entries next to the hostile ones
+        entries += draw(st.lists(st.sampled_from(entry_templates()), max_size=2))
+    kind = draw(st.sampled_from(["batch", "transaction"]))
+    body: Any = {"resourceType": "Bundle", "type": kind, "entry": entries}
+    if draw(st.integers(0, 4)) == 0:
+        body = draw(mutated(body, 1))
+    return Req("POST", "/fhir", dump(draw, body), headers=draw(headers()))
+
+
+@st.composite
+def rest_writes(draw: Any) -> Req:
+    rid = draw(target_id)
+    doc = draw(mutated(patient(rid if rid in TARGET_IDS else "canary-1")))
+    if draw(st.booleans()):
+        return Req("POST", "/fhir/Patient", dump(draw, doc), headers=draw(headers()))
+    return Req("PUT", f"/fhir/Patient/{seg(draw, rid)}", dump(draw, doc),
+               headers=draw(headers()))
+
+
+@st.composite
+def patches(draw: Any) -> Req:
+    rid = draw(st.one_of(st.sampled_from(TARGET_IDS), target_id))
+    path = f"/fhir/Patient/{seg(draw, rid)}"
+    if draw(st.booleans()):
+        body = dump(draw, draw(mutated(JSON_PATCH)))
+        return Req("PATCH", path, body, "application/json-patch+json", draw(headers()))
+    return Req("PATCH", path, dump(draw, draw(mutated(FHIRPATH_PATCH))), headers=draw(headers()))
+
+
+@st.composite
+def upserts(draw: Any) -> Req:
+    rows = draw(st.lists(
+        st.one_of(st.sampled_from(TARGET_IDS[:2]).map(patient).flatmap(mutated),
+                  st.just(patient("canary-2"))),
+        min_size=1, max_size=3))
+    if draw(st.booleans()):
+        return Req("PUT", "/fhir", dump(draw, rows), headers=draw(headers()))
+    lines = [dump(draw, r) for r in rows] + draw(st.lists(st.binary(max_size=20), max_size=1))
+    return Req("PUT", "/fhir", b"\n".join(lines), "application/fhir+ndjson", draw(headers()))
+
+
+RAW_BODIES = [
+    b"", b"{", b"[", b"null", b"[]", b"{}", b'"Bundle"', b"\xef\xbb\xbf{}", b"\xff\xfe",
+    b'{"resourceType":"Bundle","type":"batch","entry":' + b"[" * 200 + b"]" * 200 + b"}",
+    b'{"resourceType":"Bundle","type":"batch","entry":[' + b'{"request":1},' * 50 + b"{}]}",
+    b'{"a":"\\ud800"}', b'{"a":1e400}', b'{"a":"\\u0000"}',
+    b'{"resourceType":"Bundle","a":1,"a":2}',
+]
+
+
+@st.composite
+def raw_bodies(draw: Any) -> Req:
+    body = draw(st.one_of(st.sampled_from(RAW_BODIES), st.binary(max_size=64)))
+    ctype = draw(st.sampled_from([
+        "application/fhir+json", "application/json", "application/fhir+ndjson", "text/plain",
+        "application/xml", "multipart/form-data", "application/json; charset=latin-1", None,
+    ]))
+    method, path = draw(st.sampled_from([
+        ("POST", "/fhir"), ("PUT", "/fhir"), ("POST", "/fhir/Patient"),
+        ("PUT", "/fhir/Patient/canary-1"), ("PATCH", "/fhir/Patient/canary-1"),
+        ("POST", "/fhir/Patient/_search"),
+    ]))
+    return Req(method, path, body, ctype, draw(headers()))
+
+
+SEARCH_PARAMS = [
+    "family", "name", "_id", "identifier", "birthdate", "gender", "_count", "_offset",
+    "_lastUpdated", "general-practitioner", "organization.name", "_include", "_revinclude",
+    "_sort", "name:exact", "name:contains", "family:missing", "identifier:of-type", "_total",
+    "_summary", "_has:Observation:subject:code", "subject", "value-quantity", "date", "code",
+    "_since", "_elements", "_format",
+]
+
+
+@st.composite
+def searches(draw: Any) -> Req:
+    rtype = draw(st.one_of(st.sampled_from(["Patient", "Observation", "Patient/_history",
+                                            "Patient/canary-1/_history"]), hostile_text))
+    pairs = draw(st.lists(st.tuples(st.one_of(st.sampled_from(SEARCH_PARAMS), hostile_text),
+                                    hostile_text), min_size=1, max_size=3))
+    safe = draw(st.sampled_from(["", "|,:$", "%"]))
+    query = "&".join(f"{quote(k, safe=safe)}={quote(v, safe=safe)}" for k, v in pairs)
+    if draw(st.integers(0, 5)) == 0:
+        return Req("POST", "/fhir/Patient/_search", query.encode(),
+                   "application/x-www-form-urlencoded", draw(headers()))
+    if draw(st.integers(0, 5)) == 0:
+        body = dump(draw, {"resourceType": "Bundle", "type": "batch", "entry": [
+            {"request": {"method": "GET", "url": f"{rtype}?{query}"}}]})
+        return Req("POST", "/fhir", body)
+    return Req("GET", f"/fhir/{quote(rtype, safe='/')}?{query}", None, None, draw(headers()))
+
+
+@st.composite
+def instance_paths(draw: Any) -> Req:
+    parts = draw(st.lists(st.one_of(st.sampled_from(
+        ["Patient", "Observation", "canary-1", "canary-del", "_history", "1", "2", "_search",
+         "$everything", "metadata"]), hostile_text), min_size=1, max_size=4))
+    method = draw(st.sampled_from(["GET", "HEAD", "DELETE", "GET", "OPTIONS"]))
+    path = "/fhir/" + "/".join(seg(draw, p) for p in parts)
+    return Req(method, path, None, None, draw(headers()))
+
+
+@st.composite
+def job_routes(draw: Any) -> Req:
+    job = draw(st.one_of(st.just(str(uuid.UUID(int=5))), hostile_text))
+    value = draw(hostile_text)
+    method, path = draw(st.sampled_from([
+        ("GET", f"/jobs/{quote(job)}"), ("GET", f"/fhir/_async/{quote(job)}"),
+        ("DELETE", f"/fhir/_async/{quote(job)}"), ("POST", f"/jobs/{quote(job)}/retry"),
+        ("GET", f"/jobs?state={quote(value)}&_count={quote(value)}"),
+        ("GET", f"/jobs/{quote(job)}/entries?outcome={quote(value)}&_after={quote(value)}"),
+        ("GET", f"/jobs/{quote(job)}/entries?_count={quote(value)}"),
+        ("GET", f"/jobs?_offset={quote(value)}"),
+    ]))
+    return Req(method, path, None, None, draw(headers()))
+
+
+all_requests = st.one_of(
+    bundle_requests(), bundle_requests(), rest_writes(), patches(), upserts(), raw_bodies(),
+    searches(), searches(), instance_paths(), job_routes(),
+)
+
+# --------------------------------------------------------------------------- checks
+
+
+def send(client: Any, req: Req) -> tuple[Any, float]:
+    """The response, or None when it did not come within REQUEST_SECONDS (a hang)."""
+    out: list[Any] = []
+
+    def run() -> None:
+        out.append(client.open(req.path, method=req.method, data=req.body,
+                               content_type=req.content_type, headers=req.headers))
+
+    start = time.monotonic()
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(REQUEST_SECONDS)
+    return (out[0] if out else None), time.monotonic() - start
+
+
+def _statuses(body: Any) -> list[int]:
+    """Per-entry statuses of a batch/transaction response or an upsert answer."""
+    if isinstance(body, dict) and body.get("resourceType") == "Bundle" and str(
+        body.get("type", "")
+    ).endswith("-response"):
+        return [int(e["response"]["status"][:3]) for e in body.get("entry", [])]
+    if isinstance(body, list):
+        return [400 if isinstance(x, dict) and x.get("resourceType") == "OperationOutcome"
+                else 200 for x in body]
+    return []
+
+
+def _outcome_code(response: Any) -> str | None:
+    body = response.get_json(silent=True)
+    if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
+        return (body.get("issue") or [{}])[0].get("code")
+    return None
+
+
+def judge(req: Req, response: Any) -> tuple[str, bool]:
+    """("2xx" | "4xx", refused?) — or AssertionError for a 5xx, or a 4xx that is not an
+    OperationOutcome."""
+    status = response.status_code
+    if status == 501 and (req.method == "HEAD" or _outcome_code(response) == "not-supported"):
+        return "501", True  # an operation fhirq does not implement (`$everything`): by design
+    assert status < 500, f"{status} for {req!r}: {response.get_data(as_text=True)[:500]}"
+    if status >= 400:
+        if req.method != "HEAD":
+            body = response.get_json(silent=True)
+            assert isinstance(body, dict) and body.get("resourceType") == "OperationOutcome", (
+                f"{status} is not an OperationOutcome for {req!r}: "
+                f"{response.get_data(as_text=True)[:300]}"
+            )
+            assert body.get("issue"), body
+        return "4xx", True
+    entries = _statuses(response.get_json(silent=True)) if req.method != "HEAD" else []
+    assert all(s < 500 or s == 501 for s in entries), f"entry 5xx {entries} for {req!r}"
+    return "2xx", bool(entries) and all(s >= 400 for s in entries)
+
+
+def canaries(engine: Engine) -> tuple[Any, ...]:
+    with engine.connect() as c:
+        current = c.execute(text(
+            "SELECT res_type, res_id, version, deleted, md5(content::text) FROM resource "
+            "WHERE res_id LIKE 'canary-%' ORDER BY res_type, res_id")).all()
+        history = c.execute(text(
+            "SELECT count(*), coalesce(sum(version), 0) FROM resource_history "
+            "WHERE res_id LIKE 'canary-%'")).one()
+    return tuple(map(tuple, current)), tuple(history)
+
+
+def store_canaries(client: Any) -> None:
+    for rid in ("canary-1", "canary-2", "canary-3", "canary-4", "canary-del"):
+        for family in ("Canary", "Canary2"):
+            doc = patient(rid)
+            doc["name"][0]["family"] = family
+            r = client.put(f"/fhir/Patient/{rid}", json=doc)
+            assert r.status_code in (200, 201), r.get_json()
+    assert client.delete("/fhir/Patient/canary-del").status_code == 204
+    obs = {**observation(), "id": "canary-obs"}
+    assert client.put("/fhir/Observation/canary-obs", json=obs).status_code == 201
+
+
+class Tally(Counter[str]):
+    def line(self, what: str) -> str:
+        return (f"hostile {what}: seed={SEED} requests={self['requests']} 2xx={self['2xx']} "
+                f"4xx={self['4xx']} 501-not-supported={self['501']} 5xx={self['5xx']} "
+                f"hangs={self['hangs']} "
+                f"canary_changes={self['canary_changes']}")
+
+
+def check_one(client: Any, engine: Engine, req: Req, tally: Tally) -> None:
+    note(f"FHIRQ_HOSTILE_SEED={SEED}")
+    before = canaries(engine)
+    response, elapsed = send(client, req)
+    tally["requests"] += 1
+    if response is None:
+        tally["hangs"] += 1
+        raise AssertionError(f"no answer within {REQUEST_SECONDS}s (seed {SEED}): {req!r}")
+    try:
+        kind, refused = judge(req, response)
+    except AssertionError:
+        tally["5xx"] += 1
+        raise
+    tally[kind] += 1
+    if refused and canaries(engine) != before:
+        tally["canary_changes"] += 1
+        raise AssertionError(f"a refused request changed the canaries (seed {SEED}): {req!r}")
+
+
+def _report(request: pytest.FixtureRequest, line: str) -> None:
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(line)
+    else:
+        print(line)
+
+
+HYPOTHESIS = {
+    "deadline": None,
+    "database": None,
+    "derandomize": False,
+    "report_multiple_bugs": False,
+    "phases": [Phase.generate, Phase.shrink],
+    "suppress_health_check": list(HealthCheck),
+}
+
+
+# --------------------------------------------------------------------------- the runs
+
+
+@pytest.fixture(scope="module")
+def hostile_app(engine: Engine) -> Any:
+    from dataclasses import replace
+
+    from api import create_app
+    from core.config import get_settings
+
+    with engine.begin() as c:
+        c.execute(text("TRUNCATE resource, resource_history, resource_string, job, job_entry "
+                       "CASCADE"))
+    app = create_app(replace(get_settings(), auth="off"))
+    app.config["TESTING"] = True
+    return app
+
+
+def test_sync_hostile_requests(
+    hostile_app: Any, engine: Engine, request: pytest.FixtureRequest
+) -> None:
+    client = hostile_app.test_client()
+    store_canaries(client)
+    tally = Tally()
+
+    @seed(SEED)
+    @settings(max_examples=EXAMPLES, **HYPOTHESIS)
+    @given(req=all_requests)
+    def run(req: Req) -> None:
+        check_one(client, engine, req, tally)
+
+    try:
+        run()
+    finally:
+        _report(request, tally.line("sync"))
+    assert tally["requests"] >= min(EXAMPLES, 1000), tally.line("sync")
+    assert tally["4xx"] and tally["2xx"], tally.line("sync")  # both kinds were exercised
+
+
+def test_async_hostile_jobs(
+    api: Any, worker: Any, clean_db: Engine, request: pytest.FixtureRequest
+) -> None:
+    store_canaries(api)
+    tally = Tally()
+    job_bodies = st.one_of(bundle_requests(), upserts())
+
+    @seed(SEED)
+    @settings(max_examples=ASYNC_JOBS, **HYPOTHESIS)
+    @given(req=job_bodies)
+    def run(req: Req) -> None:
+        note(f"FHIRQ_HOSTILE_SEED={SEED}")
+        req.headers = {**req.headers, "Prefer": "respond-async"}
+        req.headers.pop("X-Callback-Url", None)  # callbacks: tests/test_callbacks
+        before = canaries(clean_db)
+        response, _ = send(api, req)
+        tally["requests"] += 1
+        assert response is not None, f"no answer to the submission of {req!r}"
+        if response.status_code != 202:
+            kind, _ = judge(req, response)
+            tally[kind] += 1
+            assert canaries(clean_db) == before, f"a refused submission changed canaries: {req!r}"
+            return
+        job_id = response.headers["Content-Location"].rsplit("/", 1)[-1]
+        job = wait_job(api, job_id, timeout=120, worker=worker)
+        result = api.get(f"/fhir/_async/{job_id}")
+        kind, refused = judge(req, result)
+        tally[kind] += 1
+        tally["jobs"] += 1
+        if refused and canaries(clean_db) != before:
+            tally["canary_changes"] += 1
+            raise AssertionError(f"job {job_id} ({job['state']}) refused yet changed canaries")
+
+    try:
+        run()
+    finally:
+        _report(request, tally.line("async") + f" jobs={tally['jobs']}")
+    assert tally["jobs"] >= 1, tally.line("async")
