@@ -480,12 +480,9 @@ def check_one(client: Any, engine: Engine, req: Req, tally: Tally) -> None:
         raise AssertionError(f"a refused request changed the canaries (seed {SEED}): {req!r}")
 
 
-def _report(request: pytest.FixtureRequest, line: str) -> None:
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(line)
-    else:
-        print(line)
+def _report(capsys: pytest.CaptureFixture[str], line: str) -> None:
+    with capsys.disabled():  # the summary line shows in every run, captured or not
+        print(f"\n{line}")
 
 
 HYPOTHESIS = {
@@ -517,7 +514,7 @@ def hostile_app(engine: Engine) -> Any:
 
 
 def test_sync_hostile_requests(
-    hostile_app: Any, engine: Engine, request: pytest.FixtureRequest
+    hostile_app: Any, engine: Engine, capsys: pytest.CaptureFixture[str]
 ) -> None:
     client = hostile_app.test_client()
     store_canaries(client)
@@ -532,13 +529,13 @@ def test_sync_hostile_requests(
     try:
         run()
     finally:
-        _report(request, tally.line("sync"))
+        _report(capsys, tally.line("sync"))
     assert tally["requests"] >= min(EXAMPLES, 1000), tally.line("sync")
     assert tally["4xx"] and tally["2xx"], tally.line("sync")  # both kinds were exercised
 
 
 def test_async_hostile_jobs(
-    api: Any, worker: Any, clean_db: Engine, request: pytest.FixtureRequest
+    api: Any, worker: Any, clean_db: Engine, capsys: pytest.CaptureFixture[str]
 ) -> None:
     store_canaries(api)
     tally = Tally()
@@ -573,5 +570,5 @@ def test_async_hostile_jobs(
     try:
         run()
     finally:
-        _report(request, tally.line("async") + f" jobs={tally['jobs']}")
+        _report(capsys, tally.line("async") + f" jobs={tally['jobs']}")
     assert tally["jobs"] >= 1, tally.line("async")
