@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import orjson
 import psutil
 import psycopg2
 import pytest
@@ -136,8 +137,21 @@ def test_up_serves_stops_cleanly_and_keeps_its_data(tmp_path: Path) -> None:
         broker.set("fhirq:test:up-marker", "kept")
         broker.close()
 
+        # The other commands find this server and its database through the data directory.
+        record = orjson.loads((data_dir / "fhirq-up.json").read_bytes())
+        assert record["server"] == base and record["auth"] == "off"
+        found_env = {**_env_without_fhirq(), "FHIRQ_DATA_DIR": str(data_dir)}
+        listed = subprocess.run(_fhirq("jobs", "--json"), cwd=ROOT, env=found_env,
+                                capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        assert orjson.loads(listed.stdout) == []
+        slots = subprocess.run(_fhirq("slots", "generate", "--dry-run"), cwd=ROOT,
+                               env=found_env, capture_output=True, text=True, timeout=60)
+        assert slots.returncode == 0, slots.stderr
+
         _stop(up, procs, log)
         assert "fhirq: stopped" in log.read_text()
+        assert not (data_dir / "fhirq-up.json").exists()
 
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
