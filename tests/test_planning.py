@@ -238,6 +238,8 @@ def test_resolved_identities_are_checked_with_the_same_rule() -> None:
         ("unsupported condition", put(patient(), "Patient?shoe-size=42"), 400,
          "Bundle.entry[1].request.url"),
         ("empty condition", delete("Patient?"), 400, "Bundle.entry[1].request.url"),
+        ("condition of result parameters only", delete("Patient?_count=1"), 400,
+         "Bundle.entry[1].request.url"),
         ("unsupported ifNoneExist", post(patient(), if_none_exist="shoe-size=42"), 400,
          "Bundle.entry[1].request.ifNoneExist"),
         ("PATCH without a patch", head("PATCH", "Patient/1") | {"resource": patient()}, 400,

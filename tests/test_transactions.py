@@ -417,6 +417,14 @@ def test_a_batch_still_runs_writes_of_one_resource_in_order(client: Any, clean_d
     assert [e["response"]["status"] for e in r.json["entry"]] == ["201 Created", "204 No Content"]
 
 
+def test_a_bad_condition_in_a_batch_fails_only_its_entry(client: Any, clean_db: Any) -> None:
+    r = run(client, batch(delete("Patient?_count=1"), cond_put("b2"),
+                          post(patient(), if_none_exist="shoe-size=1")))
+    assert r.status_code == 200, r.json
+    assert [e["response"]["status"][:3] for e in r.json["entry"]] == ["400", "201", "400"]
+    assert count(clean_db) == 1
+
+
 # --------------------------------------------------------------------------- failing reads
 
 

@@ -379,10 +379,15 @@ def _condition(rtype: str, query: Iterable[tuple[str, str]], where: str) -> Cond
     if not params:
         raise BadRequest("The condition has no search parameters", expression=where)
     try:
-        parse_query(rtype, params, strict=True)
+        query = parse_query(rtype, params, strict=True)
     except FhirError as err:
         err.expression = [where]
         raise
+    if not query.clauses:  # `_count=1` alone would match everything
+        raise BadRequest(
+            "A condition needs at least one search criterion, not only result parameters",
+            expression=where,
+        )
     return Condition.of(rtype, params)
 
 
