@@ -12,6 +12,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY api ./api
 COPY cli ./cli
+COPY runtime ./runtime
 COPY core ./core
 COPY worker ./worker
 RUN pip install . \

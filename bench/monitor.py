@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from cli import procutil
+from runtime import procutil
 
 __all__ = ["Monitor", "Usage", "statement_label"]
 

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cli import procutil
+from runtime import procutil
 
 __all__ = ["Profile", "Profiler", "py_spy"]
 

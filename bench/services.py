@@ -1,7 +1,7 @@
 """The servers a benchmark runs against: a dedicated PostgreSQL database and a Redis broker.
 
 PostgreSQL: the server of FHIRQ_BENCH_DATABASE_URL, else the local default server if it answers,
-else the embedded PostgreSQL of `fhirq up` (cli/embedded.py) in a temporary directory. On it the
+else the embedded PostgreSQL of `fhirq up` (runtime/embedded.py) in a temporary directory. On it the
 benchmark (re)creates its own database (`fhirq_bench`) and migrates it to head.
 
 Redis: FHIRQ_BENCH_REDIS_URL, else the local default server on a dedicated db number if it
@@ -108,8 +108,8 @@ def bench_services(database: str = DEFAULT_DATABASE, *, keep: bool = False
                    ) -> Iterator[Services]:
     """A fresh, migrated benchmark database and a broker for the duration of the block.
     Embedded servers started here are stopped on exit; the database is dropped unless `keep`."""
-    from cli import embedded
     from core.store.migrate import upgrade
+    from runtime import embedded
 
     with contextlib.ExitStack() as stack:
         data_dir: str | None = None

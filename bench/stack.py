@@ -1,6 +1,6 @@
 """The product under test, as real processes: the API under gunicorn (gthread) and Celery
 worker(s), started with exactly the command lines `fhirq api` / `fhirq worker` use
-(cli/processes.py), against the benchmark's database and broker.
+(runtime/processes.py), against the benchmark's database and broker.
 
 `Stack` starts, restarts (a different worker concurrency) and stops them, and knows their pids
 for the resource monitor. Their output goes to log files in `log_dir`; a process that dies is
@@ -22,8 +22,8 @@ from typing import IO
 import httpx
 
 from bench.services import Services
-from cli import procutil
-from cli.processes import api_argv, gunicorn_has_setting, worker_argv
+from runtime import procutil
+from runtime.processes import api_argv, gunicorn_has_setting, worker_argv
 
 __all__ = ["Stack", "StackError", "StackOptions"]
 

@@ -20,7 +20,7 @@ from typing import Any
 import click
 import httpx
 
-from cli import running
+from runtime import running
 
 __all__ = [
     "EXIT_AUTH",

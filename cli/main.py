@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from cli.processes import api_argv, beat_argv, worker_argv
+from runtime.processes import api_argv, beat_argv, worker_argv
 
 __all__ = ["EXTENSIONS", "cli", "main"]
 

@@ -34,7 +34,7 @@ def slots() -> None:
 @click.option("--dry-run", is_flag=True, help="Count what would be written; write nothing.")
 def generate(weeks: int | None, dry_run: bool) -> None:
     """Create the free Slots that availability gives and the store lacks (idempotent)."""
-    from cli import running
+    from runtime import running
 
     running.embedded_environment()
     if not os.environ.get("FHIRQ_DATABASE_URL"):

@@ -25,8 +25,8 @@ def register(group: click.Group) -> None:
 
 
 def _engine() -> Engine:
-    from cli import running
     from core.store.db import get_engine
+    from runtime import running
 
     url = running.database_url()
     if url is None:

@@ -17,9 +17,9 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -27,8 +27,9 @@ import click
 import httpx
 import psutil
 
-from cli import embedded, procutil, running
-from cli.processes import api_argv, beat_argv, format_host, gunicorn_has_setting, worker_argv
+from runtime import embedded, procutil, running
+from runtime.processes import api_argv, beat_argv, format_host, gunicorn_has_setting, worker_argv
+from runtime.supervisor import GaveUp, Service, Supervisor
 
 __all__ = ["UpError", "UpOptions", "auth_mode", "curl_example", "is_loopback", "serve"]
 
@@ -66,6 +67,23 @@ class _Stop(BaseException):
 class _Child:
     name: str
     proc: subprocess.Popen[bytes]
+    argv: list[str]
+    env: dict[str, str]  # shared by all children: a restarted database may change its URL
+    known: list[psutil.Process] = field(default_factory=list)  # its tree, last seen alive
+
+    def alive(self) -> bool:
+        if self.proc.poll() is not None:
+            return False
+        if not self.known or len(self.known) < 2:
+            self.known = procutil.tree(self.proc.pid)
+        return True
+
+    def restart(self) -> None:
+        # A dead master can leave its children (a worker's pool, gunicorn's workers) behind.
+        procutil.kill_all([p for p in self.known if p.is_running() and p.pid != self.proc.pid])
+        self.proc.wait()
+        self.proc = procutil.spawn(self.argv, env=self.env)
+        self.known = []
 
 
 def is_loopback(host: str) -> bool:
@@ -191,11 +209,11 @@ def _mask(url: str) -> str:
 
 def _start(
     opts: UpOptions, data_dir: Path, stack: ExitStack, children: list[_Child], auth: str
-) -> list[tuple[str, Callable[[], bool]]]:
-    """Start everything; return what to watch. Every stop is registered before its start so an
+) -> Supervisor:
+    """Start everything; return its supervisor. Every stop is registered before its start so an
     interruption at any point still stops whatever did come up."""
     echo = click.echo
-    watched: list[tuple[str, Callable[[], bool]]] = []
+    watched: list[Service] = []
 
     db_url = os.environ.get("FHIRQ_DATABASE_URL")
     if db_url:
@@ -204,7 +222,8 @@ def _start(
         stack.callback(embedded.stop_postgres, data_dir)
         db_url, _ = embedded.start_postgres(data_dir)
         echo(f"fhirq: PostgreSQL: embedded, data in {data_dir / 'postgres'}")
-        watched.append(("PostgreSQL", lambda: embedded.postgres_running(data_dir)))
+        watched.append(Service("PostgreSQL", lambda: embedded.postgres_running(data_dir),
+                               lambda: _restart_postgres(data_dir, children)))
 
     redis_url = os.environ.get("FHIRQ_REDIS_URL")
     if redis_url:
@@ -213,7 +232,8 @@ def _start(
         stack.callback(embedded.stop_redis, data_dir)
         redis_url, _ = embedded.start_redis(data_dir)
         echo(f"fhirq: Redis: embedded, data in {data_dir / 'redis'}")
-        watched.append(("Redis", lambda: embedded.redis_running(data_dir)))
+        watched.append(Service("Redis", lambda: embedded.redis_running(data_dir),
+                               lambda: embedded.start_redis(data_dir) and None))
 
     from core.store.db import get_engine
     from core.store.migrate import upgrade
@@ -253,21 +273,38 @@ def _start(
         commands.append(("beat", beat_argv(str(data_dir / "celerybeat-schedule"), opts.loglevel)))
     stack.callback(_stop_children, children)
     for name, argv in commands:
-        children.append(_Child(name, procutil.spawn(argv, env=env)))
-    for child in children:
-        watched.append((child.name, lambda c=child: c.proc.poll() is None))
+        children.append(_Child(name, procutil.spawn(argv, env=env), argv, env))
+    watched += [Service(c.name, c.alive, c.restart) for c in children]
 
     origin = f"http://{format_host(opts.host)}:{opts.port}"
     _wait_healthy(f"{origin}/healthz", children[0].proc, opts.ready_timeout)
     _wait_worker(redis_url, children[1].proc, opts.ready_timeout)
     stack.callback(running.forget, data_dir)
-    running.record(data_dir, running.RunningStack(
-        pid=os.getpid(), server=origin, auth=auth,
-        database_url=None if os.environ.get("FHIRQ_DATABASE_URL") else db_url,
-        redis_url=None if os.environ.get("FHIRQ_REDIS_URL") else redis_url,
-    ))
+
+    def record(down: list[str]) -> None:
+        external = os.environ.get("FHIRQ_DATABASE_URL"), os.environ.get("FHIRQ_REDIS_URL")
+        running.record(data_dir, running.RunningStack(
+            pid=os.getpid(), server=origin, auth=auth,
+            database_url=None if external[0] else env["FHIRQ_DATABASE_URL"],
+            redis_url=None if external[1] else redis_url, down=tuple(down),
+        ))
+
+    record([])
     _banner(opts, data_dir, base_url, [c.name for c in children], auth)
-    return watched
+    return Supervisor(watched, log=lambda line: click.echo(line, err=True), on_change=record)
+
+
+def _restart_postgres(data_dir: Path, children: list[_Child]) -> None:
+    """Start the embedded PostgreSQL again; should its URL change (a new socket directory),
+    the other processes are restarted with the new one."""
+    url, _ = embedded.start_postgres(data_dir)
+    env = children[0].env if children else {}
+    if children and env.get("FHIRQ_DATABASE_URL") != url:
+        env["FHIRQ_DATABASE_URL"] = url
+        click.echo("fhirq: PostgreSQL has a new address; restarting the others", err=True)
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.terminate()
 
 
 def _wait_worker(broker_url: str, worker: subprocess.Popen[bytes], timeout: float) -> None:
@@ -344,13 +381,14 @@ def _snapshot(data_dir: Path, children: list[_Child]) -> list[psutil.Process]:
     return procs + embedded.server_processes(data_dir)
 
 
-def _supervise(watched: list[tuple[str, Callable[[], bool]]]) -> int:
-    while True:
-        for name, ok in watched:
-            if not ok():
-                click.echo(f"fhirq: {name} stopped unexpectedly; stopping everything", err=True)
-                return 1
-        time.sleep(0.5)
+def _supervise(supervisor: Supervisor) -> int:
+    """Restart what dies, with backoff; 1 once something keeps dying."""
+    try:
+        supervisor.run()
+    except GaveUp as exc:
+        click.echo(f"fhirq: {exc}; stopping everything", err=True)
+        return 1
+    return 0
 
 
 def serve(opts: UpOptions) -> int:

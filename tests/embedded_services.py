@@ -34,7 +34,7 @@ def session_services() -> SessionServices:
     if admin and broker:
         return SessionServices(admin, broker, embedded=False)
 
-    from cli import embedded
+    from runtime import embedded
 
     data_dir = tempfile.mkdtemp(prefix="fhirq-test-")
     # atexit runs last-registered first: the servers stop before their directory goes.

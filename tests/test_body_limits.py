@@ -22,7 +22,7 @@ import httpx
 import psutil
 import pytest
 
-from cli.processes import api_argv
+from runtime.processes import api_argv
 from tests.jobs_helpers import ROOT, jobs_env, wait_for  # noqa: F401 - fixture
 
 LIMIT = 20_000

@@ -17,10 +17,10 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import Engine
 
-from cli import running
 from cli.api_client import EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_UNREACHABLE
 from cli.jobs_commands import compact
 from cli.main import cli
+from runtime import running
 from tests.jobs_helpers import *  # noqa: F403 - fixtures
 from tests.jobs_helpers import ROOT, ApiServer, WorkerProcess, patients_batch, scalar, wait_for
 

@@ -22,8 +22,8 @@ import psycopg2
 import pytest
 import redis
 
-from cli import embedded, procutil
 from cli.up import curl_example, is_loopback
+from runtime import embedded, procutil
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 60
@@ -169,6 +169,69 @@ def test_up_serves_stops_cleanly_and_keeps_its_data(tmp_path: Path) -> None:
         assert broker.get("fhirq:test:up-marker") == b"kept"
         broker.close()
         _stop(up, procs, log)
+
+
+def _main_process(up: subprocess.Popen[bytes], word: str) -> psutil.Process:
+    """The child of `fhirq up` whose command line has `word` (gunicorn's master, celery's main)."""
+    for child in psutil.Process(up.pid).children():
+        if word in " ".join(child.cmdline()):
+            return child
+    raise AssertionError(f"no {word} child of fhirq up")
+
+
+def _wait_log(log: Path, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert time.monotonic() < deadline, f"no {text!r} in:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+def test_up_restarts_a_dead_worker_api_and_redis(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "up.log"
+    with _up(data_dir, port, log) as up:
+        _wait_ready(up, base, log)
+
+        worker = _main_process(up, "celery")
+        worker.kill()
+        _wait_log(log, "fhirq: worker stopped unexpectedly; restarting it in 1 s")
+        _wait_log(log, "fhirq: worker restarted")
+
+        api = _main_process(up, "gunicorn")
+        api.kill()
+        _wait_log(log, "fhirq: API restarted")
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2, trust_env=False).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+
+        # The embedded Redis killed: started again on the same socket; the others reconnect.
+        redis_server = next(p for p in embedded.server_processes(data_dir)
+                            if "redis-server" in " ".join(p.cmdline()))
+        redis_server.kill()
+        _wait_log(log, "fhirq: Redis restarted")
+
+        # The restarted worker runs jobs.
+        body = {"resourceType": "Bundle", "type": "batch", "entry": [
+            {"resource": {"resourceType": "Patient"}, "request": {"method": "POST",
+                                                                  "url": "Patient"}}]}
+        r = httpx.post(f"{base}/fhir", json=body, trust_env=False, timeout=30,
+                       headers={"Prefer": "respond-async"})
+        assert r.status_code == 202, r.text
+        job = r.headers["X-Job-Id"]
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{base}/jobs/{job}", trust_env=False).json()["state"] != "completed":
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        assert up.poll() is None
+        _stop(up, _processes(up, data_dir), log)
 
 
 def test_up_refuses_a_non_loopback_host_and_starts_nothing(tmp_path: Path) -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from cli import procutil
-from cli.processes import api_argv
+from runtime import procutil
+from runtime.processes import api_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from cli.processes import api_argv
+from runtime.processes import api_argv
 from tests.jobs_helpers import ROOT, jobs_env, wait_for  # noqa: F401 - fixture
 
 TRICKLERS = 64

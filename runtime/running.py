@@ -23,6 +23,7 @@ __all__ = [
     "RunningStack",
     "data_dir",
     "database_url",
+    "down_services",
     "embedded_environment",
     "find",
     "forget",
@@ -41,6 +42,7 @@ class RunningStack:
     auth: str  # "off" or "required"
     database_url: str | None  # only an embedded database's; None for FHIRQ_DATABASE_URL
     redis_url: str | None = None  # likewise, only the embedded Redis's
+    down: tuple[str, ...] = ()  # what the supervisor is restarting right now
 
 
 def data_dir() -> Path:
@@ -68,6 +70,7 @@ def find(directory: Path | None = None) -> RunningStack | None:
     path = (directory or data_dir()) / FILE_NAME
     try:
         raw = orjson.loads(path.read_bytes())
+        raw["down"] = tuple(raw.get("down") or ())
         stack = RunningStack(**raw)
     except (OSError, ValueError, TypeError):
         return None
@@ -96,7 +99,7 @@ def database_url() -> str | None:
         return stack.database_url
     directory = data_dir()
     if (directory / "postgres").is_dir():
-        from cli import embedded
+        from runtime import embedded
 
         return embedded.postgres_url(directory)
     return None
@@ -112,3 +115,10 @@ def embedded_environment() -> None:
         os.environ.setdefault("FHIRQ_DATABASE_URL", stack.database_url)
     if stack.redis_url:
         os.environ.setdefault("FHIRQ_REDIS_URL", stack.redis_url)
+
+
+def down_services() -> list[str]:
+    """What the `fhirq up` of FHIRQ_DATA_DIR is restarting now (empty without one), for
+    /readyz."""
+    stack = find()
+    return list(stack.down) if stack is not None else []

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 
-from cli import procutil
+from runtime import procutil
 
 __all__ = [
     "DATABASE",
