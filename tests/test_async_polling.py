@@ -4,13 +4,16 @@ the job's progress in `X-Progress`, with an OperationOutcome body."""
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
+import orjson
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
+from core.jobs import Submission, accept_job
 from tests.jobs_helpers import *  # noqa: F403 - fixtures
-from tests.jobs_helpers import job_id_of, patients_batch, submit
+from tests.jobs_helpers import WorkerProcess, job_id_of, patients_batch, submit, wait_job
 
 
 def assert_accepted(r: Any, url: str, progress: str) -> None:
@@ -21,13 +24,34 @@ def assert_accepted(r: Any, url: str, progress: str) -> None:
     assert r.json["issue"][0]["severity"] == "information"
 
 
-def test_submit_and_every_poll_name_the_status_url(api: Any, clean_db: Engine) -> None:
+def idle_job(engine: Engine, n: int) -> str:
+    """A job accepted and never sent to a worker; the reaper leaves it be (its last progress
+    is dated in the future), so it stays exactly as the test sets it."""
+    sub = Submission(kind="bundle", owner="anonymous", base_url="http://localhost/fhir")
+    with engine.begin() as conn:
+        job_id = accept_job(conn, io.BytesIO(orjson.dumps(patients_batch(n))), sub).job_id
+        set_job(conn, job_id, "accepted", 0, 0)
+    return job_id
+
+
+def set_job(conn: Connection, job_id: str, state: str, done: int, failed: int) -> None:
+    conn.execute(text("UPDATE job SET state = :state, done = :done, failed = :failed, "
+                      "updated_at = now() + interval '1 hour' WHERE id = :id"),
+                 {"id": job_id, "state": state, "done": done, "failed": failed})
+
+
+def test_submit_answer_names_the_status_url_and_progress(api: Any) -> None:
     r = submit(api, patients_batch(3))
     job_id = job_id_of(r)
-    url = f"http://localhost/fhir/_async/{job_id}"
-    assert_accepted(r, url, "accepted: 0 of 3 entries done, 0 failed")
+    # The progress is the job's as committed, before any worker had it.
+    assert_accepted(r, f"http://localhost/fhir/_async/{job_id}",
+                    "accepted: 0 of 3 entries done, 0 failed")
+    assert job_id in r.json["issue"][0]["diagnostics"]
 
-    # No worker runs in this test: the job stays accepted, and polls keep answering 202.
+
+def test_every_poll_while_at_work_names_the_status_url(api: Any, clean_db: Engine) -> None:
+    job_id = idle_job(clean_db, 3)
+    url = f"http://localhost/fhir/_async/{job_id}"
     for _ in range(2):
         poll = api.get(f"/fhir/_async/{job_id}")
         assert_accepted(poll, url, "accepted: 0 of 3 entries done, 0 failed")
@@ -35,34 +59,33 @@ def test_submit_and_every_poll_name_the_status_url(api: Any, clean_db: Engine) -
         assert "0 of 3" in poll.json["issue"][0]["diagnostics"]
 
     with clean_db.begin() as c:  # as a worker leaves it mid-way
-        c.execute(text("UPDATE job SET state = 'running', done = 2, failed = 1 WHERE id = :id"),
-                  {"id": job_id})
+        set_job(c, job_id, "running", 2, 1)
     assert_accepted(api.get(f"/fhir/_async/{job_id}"), url,
                     "running: 2 of 3 entries done, 1 failed")
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT"])
 def test_replayed_submission_reports_the_jobs_own_progress(
-    api: Any, clean_db: Engine, method: str
+    api: Any, worker: WorkerProcess, method: str
 ) -> None:
     body: Any = patients_batch(2) if method == "POST" else [
         {"resourceType": "Patient", "id": "a"}, {"resourceType": "Patient", "id": "b"}]
     first = submit(api, body, method=method, **{"Idempotency-Key": "k"})
-    job_id = job_id_of(first)
-    with clean_db.begin() as c:
-        c.execute(text("UPDATE job SET state = 'running', done = 1 WHERE id = :id"),
-                  {"id": job_id})
+    wait_job(api, job_id_of(first), worker=worker)
     again = submit(api, body, method=method, **{"Idempotency-Key": "k"})
+    assert again.headers["Idempotent-Replayed"] == "true"
     assert_accepted(again, first.headers["Content-Location"],
-                    "running: 1 of 2 entries done, 0 failed")
+                    "completed: 2 of 2 entries done, 0 failed")
 
 
-def test_status_url_follows_the_configured_base_url(api: Any) -> None:
+def test_status_url_follows_the_configured_base_url(api: Any, clean_db: Engine) -> None:
     from dataclasses import replace
 
     app = api.application
     app.config["FHIRQ"] = replace(app.config["FHIRQ"], base_url="https://fhir.example.org/r4/")
-    job_id = job_id_of(submit(api, patients_batch(1)))
-    url = f"https://fhir.example.org/r4/_async/{job_id}"
+    submitted = submit(api, patients_batch(1))
+    assert submitted.headers["Content-Location"] == (
+        f"https://fhir.example.org/r4/_async/{job_id_of(submitted)}")
+    job_id = idle_job(clean_db, 1)
     poll = api.get(f"/fhir/_async/{job_id}")
-    assert poll.headers["Content-Location"] == url
+    assert poll.headers["Content-Location"] == f"https://fhir.example.org/r4/_async/{job_id}"
