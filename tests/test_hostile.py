@@ -61,6 +61,17 @@ NASTY = [
     "0001-01-01", "1970-01-01T00:00:00+99:00", "Patient.name", "http://127.0.0.1/x",
     "canary-1", "canary-del", "#", "?", "&", "=",
 ]
+# Well-formed but extreme FHIR values: where a type check passes, can indexing or SQL cope?
+EDGE = [
+    "0001-01-01", "9999-12-31", "9999-12-31T23:59:59.999999999+14:00", "0001-01-01T00:00:00-12:00",
+    "2020-02-30", "2020", "2020-01", "-0001", "10000-01-01", "2020-01-01T25:00:00Z", "T00:00",
+    "1e308", "-1e308", "1E-400", "0.000000000000000000000000000001",
+    "123456789012345678901234567890",
+    "Patient/", "Patient/canary-1/_history/1", "urn:uuid:" + str(uuid.UUID(int=9)),
+    "Patient?identifier=%00", "Patient?identifier=urn:canary|canary-1", "http://other/Patient/1",
+    "Patient/" + "a" * 65, "#", "#x", "Observation/canary-obs", "Patient/canary-del",
+]
+PREFIXES = ["", "eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap", "xx"]
 EDGE_INTS = [2**31 - 1, 2**31, 2**63 - 1, 2**63, -(2**63) - 1, 10**30, -1, 0]
 KEYS = [
     "resourceType", "id", "meta", "versionId", "name", "family", "given", "url", "method",
@@ -72,6 +83,7 @@ KEYS = [
 
 hostile_text = st.one_of(
     st.sampled_from(NASTY),
+    st.sampled_from(EDGE),
     st.text(max_size=12),
     st.text(alphabet=st.sampled_from([*CONTROL, "a", "|", ",", "$", ":", "/"]), max_size=6),
 )
@@ -259,6 +271,47 @@ def bundle_requests(draw: Any) -> Req:
     return Req("POST", "/fhir", dump(draw, body), headers=draw(headers()))
 
 
+TYPED_PLACES = [
+    ("Patient", ("birthDate",)), ("Patient", ("deceasedDateTime",)),
+    ("Patient", ("multipleBirthInteger",)), ("Patient", ("managingOrganization", "reference")),
+    ("Patient", ("generalPractitioner", 0, "reference")), ("Patient", ("meta", "lastUpdated")),
+    ("Patient", ("meta", "versionId")), ("Observation", ("effectiveDateTime",)),
+    ("Observation", ("valueQuantity", "value")), ("Observation", ("subject", "reference")),
+    ("Observation", ("issued",)), ("Observation", ("valueInteger",)),
+]
+
+
+def _set(doc: Any, path: tuple[Any, ...], value: Any) -> None:
+    """doc[path] = value, creating the objects and arrays on the way."""
+    node = doc
+    for step, after in zip(path, path[1:], strict=False):
+        if isinstance(node, list):
+            node.extend({} for _ in range(step + 1 - len(node)))
+            node = node[step]
+        else:
+            node = node.setdefault(step, [] if isinstance(after, int) else {})
+    if isinstance(node, list):
+        node.extend(None for _ in range(path[-1] + 1 - len(node)))
+    node[path[-1]] = value
+
+
+@st.composite
+def typed_edges(draw: Any) -> Req:
+    """A resource whose only oddity is an extreme value in a typed element."""
+    rtype, path = draw(st.sampled_from(TYPED_PLACES))
+    doc: Any = patient() if rtype == "Patient" else observation()
+    value = draw(st.one_of(st.sampled_from(EDGE), st.sampled_from(EDGE_INTS),
+                           st.floats(allow_nan=False, allow_infinity=False)))
+    if rtype == "Observation" and path[0].startswith("value"):
+        doc.pop("valueQuantity")
+    _set(doc, path, value)
+    if draw(st.booleans()):
+        body = {"resourceType": "Bundle", "type": draw(st.sampled_from(["batch", "transaction"])),
+                "entry": [{"resource": doc, "request": {"method": "POST", "url": rtype}}]}
+        return Req("POST", "/fhir", dump(draw, body))
+    return Req("POST", f"/fhir/{rtype}", dump(draw, doc), headers=draw(headers()))
+
+
 @st.composite
 def rest_writes(draw: Any) -> Req:
     rid = draw(target_id)
@@ -328,8 +381,11 @@ SEARCH_PARAMS = [
 def searches(draw: Any) -> Req:
     rtype = draw(st.one_of(st.sampled_from(["Patient", "Observation", "Patient/_history",
                                             "Patient/canary-1/_history"]), hostile_text))
+    value = st.one_of(hostile_text, st.builds(
+        lambda p, v, unit: p + v + unit, st.sampled_from(PREFIXES), st.sampled_from(EDGE),
+        st.sampled_from(["", "|http://unitsofmeasure.org|cm", "||cm", "|", ",x"])))
     pairs = draw(st.lists(st.tuples(st.one_of(st.sampled_from(SEARCH_PARAMS), hostile_text),
-                                    hostile_text), min_size=1, max_size=3))
+                                    value), min_size=1, max_size=3))
     safe = draw(st.sampled_from(["", "|,:$", "%"]))
     query = "&".join(f"{quote(k, safe=safe)}={quote(v, safe=safe)}" for k, v in pairs)
     if draw(st.integers(0, 5)) == 0:
@@ -369,7 +425,7 @@ def job_routes(draw: Any) -> Req:
 
 all_requests = st.one_of(
     bundle_requests(), bundle_requests(), rest_writes(), patches(), upserts(), raw_bodies(),
-    searches(), searches(), instance_paths(), job_routes(),
+    searches(), searches(), instance_paths(), job_routes(), typed_edges(),
 )
 
 # --------------------------------------------------------------------------- checks
