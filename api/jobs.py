@@ -15,7 +15,7 @@ from flask import Blueprint, Flask, Response, g, request
 from api.http import base_url, fhir_response
 from api.submit import accepted_headers, progress
 from core.config import get_settings
-from core.errors import BadRequest, NotFound
+from core.errors import BadRequest, Gone, NotFound
 from core.fhir.outcome import informational
 from core.jobs import (
     ACTIVE,
@@ -67,6 +67,18 @@ def _load(job_id: str) -> dict[str, Any]:
     return job
 
 
+def _kept(job: dict[str, Any]) -> str:
+    """The job's id, or 410 once retention purged its entries (its summary stays a while)."""
+    if job.get("entries_purged_at") is not None:
+        raise Gone(
+            f"Job {job['id']} ended at {job['finished_at']:%Y-%m-%d %H:%M} UTC; its entries and "
+            f"results were purged after FHIRQ_JOB_RETENTION_DAYS "
+            f"({get_settings().job_retention_days:g} days). GET /jobs/{job['id']} still shows "
+            "its summary."
+        )
+    return str(job["id"])
+
+
 def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
     raw = request.args.get(name)
     if raw is None:
@@ -109,6 +121,7 @@ def poll(job_id: str) -> Response:
         return fhir_response(informational(progress(job)), 202, headers)
     if job["state"] == "failed":
         return fhir_response(job["outcome"], job["outcome_status"] or 500)
+    _kept(job)
     mimetype = "application/json" if job["kind"] == "upsert" else "application/fhir+json"
     return Response(stream_response(get_engine(), job), status=200, mimetype=mimetype)
 
@@ -160,7 +173,7 @@ def entries(job_id: str) -> Response:
         raise BadRequest(f"outcome must be one of {allowed}", code="value")
     count = _int_arg("_count", 100, 1, MAX_COUNT)
     after = _int_arg("_after", -1, -1, 2**31 - 1)
-    job_id = _load(job_id)["id"]
+    job_id = _kept(_load(job_id))
     with get_engine().connect() as conn:
         page = list_entries(conn, job_id, outcome=outcome, count=count, after=after)
     body: dict[str, Any] = {"job": job_id, "entries": page, "next": None}
@@ -174,7 +187,7 @@ def entries(job_id: str) -> Response:
 
 @jobs_bp.post("/<job_id>/retry")
 def retry(job_id: str) -> Response:
-    job_id = _load(job_id)["id"]
+    job_id = _kept(_load(job_id))
     with get_engine().begin() as conn:
         n, dispatches = retry_failed(conn, job_id, _owner(), get_settings().inflight_chunks)
         job = get_job(conn, job_id, _owner())

@@ -33,7 +33,8 @@ from rich.table import Table
 
 from cli.api_client import EXIT_INTERRUPTED, EXIT_JOB_FAILED, Api, CliError, server_options
 
-__all__ = ["register", "submit", "wait", "status", "results", "cancel", "jobs", "compact"]
+__all__ = ["register", "submit", "wait", "status", "results", "cancel", "jobs", "prune",
+           "compact"]
 
 NDJSON_SUFFIXES = (".ndjson", ".jsonl")
 TERMINAL = ("completed", "failed", "cancelled")
@@ -141,7 +142,11 @@ def wait(job_ids: tuple[str, ...], cancel_on_interrupt: bool, server: str | None
     """Show progress of JOB(s) (default: your latest) until they end; exit 1 if one did not
     complete."""
     with Api(server, token) as api:
-        ids = [_job_id(api, j) for j in job_ids] or [_latest(api)]
+        try:
+            ids = [_job_id(api, j) for j in job_ids] or [_latest(api)]
+        except KeyboardInterrupt:
+            console.print("\nInterrupted: nothing was changed on the server")
+            sys.exit(EXIT_INTERRUPTED)
         _follow(api, ids, cancel_on_interrupt)
 
 
@@ -320,16 +325,19 @@ def _short_ids(ids: list[str]) -> dict[str, str]:
     return out
 
 
-@click.command("jobs")
+@click.group("jobs", invoke_without_command=True)
 @click.option("--state", type=click.Choice(STATES), default=None)
 @click.option("--count", type=click.IntRange(1, 1000), default=50, show_default=True)
 @click.option("--wide", is_flag=True, help="Every column, full ids and exact numbers.")
 @click.option("--json", "as_json", is_flag=True, help="The jobs as JSON, for scripts.")
 @server_options
-def jobs(state: str | None, count: int, wide: bool, as_json: bool, server: str | None,
-         token: str | None) -> None:
+@click.pass_context
+def jobs(ctx: click.Context, state: str | None, count: int, wide: bool, as_json: bool,
+         server: str | None, token: str | None) -> None:
     """List your jobs, newest first. Ids are shown by a unique prefix that every command
-    accepts."""
+    accepts. `fhirq jobs prune` applies the retention settings now."""
+    if ctx.invoked_subcommand is not None:
+        return
     params: dict[str, Any] = {"_count": count}
     if state:
         params["state"] = state
@@ -342,6 +350,44 @@ def jobs(state: str | None, count: int, wide: bool, as_json: bool, server: str |
         console.print("no jobs" + (f" in state {state}" if state else ""))
         return
     click.echo(_jobs_table(found, wide).rstrip("\n"))
+
+
+@jobs.command("prune")
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@click.option("--days", type=click.FloatRange(min=0), default=None,
+              help="Keep entries of jobs finished this many days ago [default: "
+              "FHIRQ_JOB_RETENTION_DAYS, 7].")
+def prune(dry_run: bool, days: float | None) -> None:
+    """Delete the entries of jobs finished longer ago than the retention (and the summaries
+    past FHIRQ_JOB_SUMMARY_RETENTION_DAYS), straight in the database: FHIRQ_DATABASE_URL, else
+    the running `fhirq up`'s."""
+    from runtime import running
+
+    running.embedded_environment()
+    url = running.database_url()
+    if url is None:
+        raise CliError("FHIRQ_DATABASE_URL is not set and no `fhirq up` is running under "
+                       f"{running.data_dir()}")
+    from core.config import get_settings
+    from core.jobs.retention import prune as run_prune
+    from core.jobs.retention import prune_preview
+    from core.store.db import get_engine
+
+    cfg = get_settings()
+    entry_days = cfg.job_retention_days if days is None else days
+    summary_days = max(cfg.job_summary_retention_days, entry_days)
+    engine = get_engine(url)
+    if dry_run:
+        with engine.connect() as conn:
+            found = prune_preview(conn, entry_days=entry_days, summary_days=summary_days)
+        click.echo(orjson.dumps({"dryRun": True, **found}, option=orjson.OPT_INDENT_2))
+        return
+    started = time.monotonic()
+    done = run_prune(engine, entry_days=entry_days, summary_days=summary_days)
+    click.echo(orjson.dumps({"entriesDeleted": done.entries, "jobsEmptied": done.jobs_emptied,
+                             "summariesDeleted": done.jobs_deleted,
+                             "seconds": round(time.monotonic() - started, 2)},
+                            option=orjson.OPT_INDENT_2))
 
 
 def _jobs_table(found: list[dict[str, Any]], wide: bool) -> str:

@@ -72,6 +72,18 @@ class Settings:
     # Chunk tasks of one job in the queue or running at once. The queue is FIFO, so a job
     # submitted later waits behind at most this many chunks of each earlier job (fairness).
     inflight_chunks: int = field(default_factory=lambda: _int("FHIRQ_JOB_INFLIGHT", 4))
+    # Retention (core.jobs.retention): a finished job's entries are deleted after this many
+    # days, its summary row after the second number (at least the first).
+    job_retention_days: float = field(
+        default_factory=lambda: _float("FHIRQ_JOB_RETENTION_DAYS", 7)
+    )
+    job_summary_retention_days: float = field(
+        default_factory=lambda: _float("FHIRQ_JOB_SUMMARY_RETENTION_DAYS", 90)
+    )
+    # How often the beat task runs a purge, in seconds.
+    retention_interval: float = field(
+        default_factory=lambda: _float("FHIRQ_RETENTION_INTERVAL", 3600)
+    )
     # Per-owner quotas on async submissions (core.jobs.quota); 0: unlimited.
     max_active_jobs: int = field(default_factory=lambda: _int("FHIRQ_MAX_ACTIVE_JOBS", 100))
     max_submissions_per_minute: int = field(

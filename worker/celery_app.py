@@ -45,6 +45,11 @@ celery.conf.update(
             # A reap that waited longer than its interval is superseded by the next one.
             "options": {"expires": jobs.reaper_interval},
         },
+        "fhirq-retention": {
+            "task": "fhirq.prune",
+            "schedule": jobs.retention_interval,
+            "options": {"expires": jobs.retention_interval},
+        },
     },
 )
 

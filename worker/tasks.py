@@ -146,6 +146,23 @@ def enqueue_safely(dispatches: Sequence[Dispatch]) -> bool:
     return True
 
 
+@celery.task(name="fhirq.prune")
+def prune() -> dict[str, int]:
+    """Retention (core.jobs.retention): purge what finished jobs left behind, in short
+    transactions, for at most a minute a run (the next run goes on)."""
+    from core.jobs.retention import prune as run_prune
+
+    cfg = get_settings()
+    done = run_prune(get_engine(), entry_days=cfg.job_retention_days,
+                     summary_days=max(cfg.job_summary_retention_days, cfg.job_retention_days),
+                     max_seconds=60)
+    if done.anything:
+        log.info("retention: %d entries deleted, %d jobs emptied, %d summaries deleted",
+                 done.entries, done.jobs_emptied, done.jobs_deleted)
+    return {"entries": done.entries, "jobsEmptied": done.jobs_emptied,
+            "jobsDeleted": done.jobs_deleted}
+
+
 @celery.task(base=JobTask, name="fhirq.slots")
 def slots(conn: Connection) -> list[Dispatch]:
     """Weekly Slot generation (core.jobs.slots): submits a batch job of `fhirq-scheduler`."""

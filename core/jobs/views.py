@@ -31,7 +31,8 @@ __all__ = [
 JOB_COLUMNS = """
     id, owner, kind, state, prefer_return, base_url, total, done, succeeded, failed,
     outcome, outcome_status, callback_url, callback_state, idempotency_key,
-    created_at, started_at, finished_at, updated_at, dismissed_at, now() AS now
+    created_at, started_at, finished_at, updated_at, dismissed_at, entries_purged_at,
+    now() AS now
 """
 
 ENTRY_FILTERS = {
@@ -120,6 +121,8 @@ def job_json(job: dict[str, Any], *, jobs_url: str) -> dict[str, Any]:
         out["outcomeStatus"] = job["outcome_status"]
     if job.get("callback_url"):
         out["callback"] = {"url": job["callback_url"], "state": job["callback_state"]}
+    if job.get("entries_purged_at") is not None:
+        out["entriesPurgedAt"] = _instant(job["entries_purged_at"])
     if job.get("idempotency_key"):
         out["idempotencyKey"] = job["idempotency_key"]
     return out

@@ -117,6 +117,8 @@ job = Table(
     Column("finished_at", DateTime(timezone=True)),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("dismissed_at", DateTime(timezone=True)),  # DELETE on the status URL after the end
+    # Retention (core.jobs.retention) deleted the entries; the summary row stays a while.
+    Column("entries_purged_at", DateTime(timezone=True)),
     CheckConstraint(
         "state IN ('accepted', 'running', 'completed', 'failed', 'cancelled')",
         name="ck_job_state",
@@ -129,6 +131,13 @@ job = Table(
         "idempotency_key",
         unique=True,
         postgresql_where=text("idempotency_key IS NOT NULL"),
+    ),
+    Index(
+        "ix_job_finished_kept",
+        "finished_at",
+        postgresql_where=text(
+            "state IN ('completed', 'failed', 'cancelled') AND entries_purged_at IS NULL"
+        ),
     ),
     Index(
         "ix_job_active",
