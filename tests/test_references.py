@@ -307,6 +307,9 @@ def test_link_tree_comes_from_the_definitions() -> None:
     assert "valueString" not in tree and "status" not in tree
     assert tree["extension"]["valueUri"] is LINK
     assert tree["extension"]["extension"] is tree["extension"], "recursive types share a tree"
+    patient_tree = resource_links("Patient")
+    assert patient_tree is not None
+    assert patient_tree["managingOrganization"] is tree["subject"], "one tree per datatype"
     assert resource_links("MedicinalProduct") is None
     assert resource_links("NotAType") is None
 

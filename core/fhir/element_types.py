@@ -16,6 +16,7 @@ element, a few hundred in all.
 
 from __future__ import annotations
 
+import threading
 from functools import cache
 from typing import Union
 
@@ -40,7 +41,15 @@ def resource_links(resource_type: str) -> Links | None:
     """The link tree of `resource_type`; None when no R4 definition is known for it (unknown
     types, and the R4 types validation checks against the DomainResource base only)."""
     model = resource_model(resource_type)
-    return None if model is None else _model_links(model, {})
+    if model is None:
+        return None
+    with _BUILDING:  # a tree is shared only once it is complete
+        done: dict[Model, Links] = {}
+        tree = _model_links(model, done)
+        for part, links in done.items():
+            if not part.has_resource_base():  # datatypes and backbone elements
+                _SHARED.setdefault(part, links)
+    return tree
 
 
 def _model_links(model: Model, done: dict[Model, Links]) -> Links:
@@ -61,12 +70,12 @@ def _model_links(model: Model, done: dict[Model, Links]) -> Links:
             out[e.key] = LINK
         elif is_reference and e.key == "reference":  # a string by type, a link by meaning
             out[e.key] = REFERENCE
-    if not model.has_resource_base():
-        _SHARED[model] = out  # datatypes and backbone elements: one tree for every user
     return out
 
 
+# One tree per datatype and backbone element, for every resource type that uses it.
 _SHARED: dict[Model, Links] = {}
+_BUILDING = threading.Lock()
 
 
 @cache
