@@ -201,6 +201,9 @@ def _wait(api: Api, job_ids: list[str]) -> bool:
     final: dict[str, dict[str, Any]] = {}
     # The first frame already shows each job's total and state.
     first = {j: api.get(f"/jobs/{j}") for j in job_ids}
+    console.print(f"following {len(job_ids)} job{'s' if len(job_ids) > 1 else ''}; Ctrl-C "
+                  "stops following, the server keeps running "
+                  f"{'them' if len(job_ids) > 1 else 'it'}", style="dim")
     with Progress(*columns, console=console) as progress:
         bars: dict[str, TaskID] = {}
         for job_id, job in first.items():

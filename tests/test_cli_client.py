@@ -121,9 +121,16 @@ def _wait_in_subprocess(server: str, job_id: str, *extra: str) -> subprocess.Com
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FHIRQ_SERVER": server}
     proc = subprocess.Popen([sys.executable, "-m", "cli", "wait", job_id[:8], *extra], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(6)  # started, found the job and drawing its bar: the job never moves
+    assert proc.stderr is not None
+    seen = b""
+    while b"Ctrl-C" not in seen:  # it found the job and follows it; the job never moves
+        line = proc.stderr.readline()
+        assert line, f"wait ended early: {seen.decode(errors='replace')}"
+        seen += line
+    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
+    err = seen + err
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
