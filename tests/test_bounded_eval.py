@@ -61,6 +61,27 @@ def test_replace_cannot_grow_a_string_exponentially() -> None:
     assert time.monotonic() - started < 1
 
 
+def steps(n: int) -> str:
+    return "(" + "|".join(str(i) for i in range(n)) + ")"
+
+
+@pytest.mark.parametrize("path", [
+    f"{steps(40)}.aggregate($total.combine($total), 1)",
+    f"{steps(40)}.aggregate($total & $total, 'ab')",
+    f"{steps(40)}.aggregate($total + $total, 'ab')",
+    # 131,072 references to one string (allowed), joined into 8 MB (not)
+    f"{steps(17)}.aggregate($total.combine($total), %context.id).join('')",
+])
+def test_results_that_double_each_step_are_refused_before_they_are_built(path: str) -> None:
+    """Each doubling is one C call that the time budget cannot interrupt: 40 of them would
+    need terabytes."""
+    started = time.monotonic()
+    with pytest.raises(Unprocessable) as err, bounded():
+        evaluate({"resourceType": "Patient", "id": "a" * 64}, path)
+    assert err.value.code == "too-costly", err.value.diagnostics
+    assert time.monotonic() - started < 2
+
+
 @pytest.mark.parametrize("in_thread", [False, True], ids=["main-thread", "other-thread"])
 def test_the_budget_interrupts_evaluation(in_thread: bool) -> None:
     """Threads matter: the API serves requests from gthread threads, where signals never

@@ -1,11 +1,13 @@
 """FHIRPath that clients write (FHIRPath Patch paths), evaluated in bounded time.
 
-Two guards, because fhirpathpy is plain Python over Python's backtracking `re`:
+Three guards, because fhirpathpy is plain Python over Python's backtracking `re`:
 - Regular expressions (`matches()`, `replaceMatches()`) run on RE2, whose matching time is
   linear in the input: `matches('^(a|a)*$')` cannot backtrack for minutes. RE2 has no
   backreferences or lookaround; such a pattern is refused (400), never run on `re`.
-  `replace()` and `replaceMatches()` refuse results longer than FHIRQ_MAX_STRING_BYTES before
-  building them, so a short path cannot grow a string exponentially.
+- Results that could double an operand in one C call, which no time check can interrupt, are
+  sized before they are built: strings (`replace()`, `replaceMatches()`, `&`, `+`, `join()`)
+  up to FHIRQ_MAX_STRING_BYTES, collections (`combine()`, `union()`, `|`) up to MAX_ITEMS.
+  Otherwise `aggregate($total.combine($total))` would need terabytes after 40 steps.
 - A budget (`FHIRQ_ENTRY_TIME_BUDGET` seconds of the evaluating thread's CPU) bounds everything
   else. A `sys.settrace` hook, installed for the evaluating thread only and only while it
   evaluates, looks at the clock on Python function calls and stops the evaluation with
@@ -33,7 +35,12 @@ import re2
 from antlr4 import CommonTokenStream, InputStream, Token
 from antlr4.error.ErrorListener import ErrorListener
 from antlr4.tree.Tree import ParseTreeWalker
-from fhirpathpy import apply_parsed_path
+from fhirpathpy.engine import do_eval
+from fhirpathpy.engine.invocations import invocation_registry as _BASE
+from fhirpathpy.engine.invocations.constants import constants
+from fhirpathpy.engine.invocations.strings import ensure_string_singleton
+from fhirpathpy.engine.nodes import ResourceNode
+from fhirpathpy.engine.util import arraify, get_data
 from fhirpathpy.models import models as fhirpath_models
 from fhirpathpy.parser.ASTPathListener import ASTPathListener
 from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
@@ -162,13 +169,11 @@ def _parse(path: str) -> dict[str, Any]:
 
 
 def evaluate(resource: dict[str, Any], path: str, *, expression: str | None = None) -> list[Any]:
-    """Evaluate `path` on `resource` (R4 model, raw nodes) with the linear-time string
-    functions. Call it inside `bounded`. Errors → 400 at `expression`."""
+    """Evaluate `path` on `resource` (R4 model; element nodes, as fhirpathpy's returnRawData
+    gives them) with the bounded functions below. Call it inside `bounded`. Errors → 400 at
+    `expression`."""
     try:
-        return _metered(
-            apply_parsed_path, resource, parse(path), None, fhirpath_models["r4"],
-            {"returnRawData": True, "userInvocationTable": _STRING_FUNCTIONS},
-        )
+        return _metered(_apply, resource, parse(path))
     except FhirError as err:
         if not err.expression and expression:
             err.expression = [expression]
@@ -178,9 +183,28 @@ def evaluate(resource: dict[str, Any], path: str, *, expression: str | None = No
                          expression=expression) from None
 
 
+def _apply(resource: dict[str, Any], ast: dict[str, Any]) -> list[Any]:
+    """fhirpathpy's `apply_parsed_path` (returnRawData), with `_FUNCTIONS` in place of some of
+    its own. Built here because its `userInvocationTable` option hands functions plain values,
+    losing the element nodes that a patch needs to find what it changes."""
+    constants.reset()
+    root = arraify(resource)
+    ctx = {"dataRoot": root, "vars": {"context": resource, "ucum": "http://unitsofmeasure.org"},
+           "model": fhirpath_models["r4"], "userInvocationTable": _FUNCTIONS}
+    nodes = arraify(do_eval(ctx, root, ast["children"][0]))
+    # Primitives that carry only extensions are not results (as in returnRawData).
+    return [n for n in nodes if not (isinstance(n, ResourceNode) and isinstance(n.data, dict)
+                                     and list(n.data) == ["extension"])]
+
+
 # --------------------------------------------------------------------------------------------
-# String functions on RE2 (fhirpathpy calls user functions with the input's plain values)
+# Functions that replace fhirpathpy's: regexes on RE2, and sizes checked before a result that
+# could double an operand is built (`a.combine(a)` inside `aggregate()` doubles each turn, in
+# one C call the time budget cannot interrupt).
 # --------------------------------------------------------------------------------------------
+
+# Most items a collection may have: far more than any resource holds.
+MAX_ITEMS = 1_000_000
 
 
 def _options() -> re2.Options:
@@ -204,56 +228,87 @@ def _compile(regex: str) -> re2._Regexp:
         ) from None
 
 
-def _string(inputs: list[Any], fn: str) -> str:
-    if len(inputs) != 1 or not isinstance(inputs[0], str):
-        raise BadRequest(f"{fn}() needs a single string, got {inputs!r:.100}", code="value")
-    return inputs[0]
-
-
 def _check_length(n: int, fn: str) -> None:
     limit = get_settings().max_string_bytes
     if n > limit:
         raise Unprocessable(
-            f"{fn}() would build a string of {n} characters; at most {limit} are allowed "
+            f"{fn} would build a string of {n} characters; at most {limit} are allowed "
             "(FHIRQ_MAX_STRING_BYTES)", code="too-costly",
         )
 
 
-def _matches(inputs: list[Any], regex: Any) -> Any:
-    if not regex or not inputs:
+def _check_items(n: int, fn: str) -> None:
+    if n > MAX_ITEMS:
+        raise Unprocessable(
+            f"{fn} would build a collection of {n} items; at most {MAX_ITEMS} are allowed",
+            code="too-costly",
+        )
+
+
+def _matches(ctx: Any, coll: list[Any], regex: Any) -> Any:
+    if not regex or not coll:
         return []
-    return _compile(regex).search(_string(inputs, "matches")) is not None
+    return _compile(regex).search(ensure_string_singleton(coll)) is not None
 
 
-def _replace_matches(inputs: list[Any], regex: Any, repl: Any) -> Any:
+def _replace_matches(ctx: Any, coll: list[Any], regex: Any, repl: Any) -> Any:
+    text = ensure_string_singleton(coll)
     if isinstance(regex, list) or isinstance(repl, list):
         return []
-    text = _string(inputs, "replaceMatches")
     pattern = _compile(regex)
     # FHIRPath writes groups as $1; RE2 (like re) as \1.
     template = re2.sub(r"\$(\d+)", r"\\\1", repl.replace("\\", "\\\\"))
-    groups = repl.count("$")
     found = sum(1 for _ in pattern.finditer(text))
-    _check_length(len(text) + found * (len(repl) + groups * len(text)), "replaceMatches")
+    _check_length(len(text) + found * (len(repl) + repl.count("$") * len(text)),
+                  "replaceMatches()")
     return pattern.sub(template, text)
 
 
-def _replace(inputs: list[Any], pattern: Any, repl: Any) -> Any:
+def _replace(ctx: Any, coll: list[Any], pattern: Any, repl: Any) -> Any:
+    text = ensure_string_singleton(coll)
     if isinstance(pattern, list) or isinstance(repl, list):
         return []
-    text = _string(inputs, "replace")
     if pattern == "":  # FHIRPath: the replacement goes around every character
-        _check_length((len(text) + 1) * len(repl) + len(text), "replace")
+        _check_length((len(text) + 1) * len(repl) + len(text), "replace()")
         return repl + repl.join(text) + repl
     if not text:
         return []
-    _check_length(len(text) + text.count(pattern) * (len(repl) - len(pattern)), "replace")
+    _check_length(len(text) + text.count(pattern) * (len(repl) - len(pattern)), "replace()")
     return text.replace(pattern, repl)
 
 
-_STRING_FUNCTIONS: dict[str, dict[str, Any]] = {
-    "matches": {"fn": _matches, "arity": {1: ["String"]}, "nullable_input": True},
-    "replaceMatches": {"fn": _replace_matches, "arity": {2: ["String", "String"]},
-                       "nullable_input": True},
-    "replace": {"fn": _replace, "arity": {2: ["String", "String"]}, "nullable_input": True},
+def _items_checked(name: str) -> Callable[..., Any]:
+    base = _BASE[name]["fn"]
+
+    def fn(ctx: Any, left: list[Any], right: list[Any]) -> Any:
+        _check_items(len(arraify(left)) + len(arraify(right)), f"'{name}'")
+        return base(ctx, left, right)
+
+    return fn
+
+
+def _amp(ctx: Any, left: Any, right: Any) -> Any:
+    _check_length(sum(len(x) for x in (left, right) if isinstance(x, str)), "'&'")
+    return _BASE["&"]["fn"](ctx, left, right)
+
+
+def _plus(ctx: Any, left: list[Any], right: list[Any]) -> Any:
+    texts = [get_data(x[0]) for x in (left, right) if isinstance(x, list) and len(x) == 1]
+    _check_length(sum(len(t) for t in texts if isinstance(t, str)), "'+'")
+    return _BASE["+"]["fn"](ctx, left, right)
+
+
+def _join(ctx: Any, coll: list[Any], separator: Any = "") -> Any:
+    texts = [t for t in (get_data(n) for n in coll) if isinstance(t, str)]
+    sep = separator if isinstance(separator, str) else ""
+    _check_length(sum(map(len, texts)) + len(sep) * max(0, len(coll) - 1), "join()")
+    return _BASE["join"]["fn"](ctx, coll, separator)
+
+
+_FUNCTIONS: dict[str, dict[str, Any]] = {
+    name: {**_BASE[name], "fn": fn} for name, fn in [
+        ("matches", _matches), ("replaceMatches", _replace_matches), ("replace", _replace),
+        ("combine", _items_checked("combine")), ("union", _items_checked("union")),
+        ("|", _items_checked("|")), ("&", _amp), ("+", _plus), ("join", _join),
+    ]
 }
