@@ -20,6 +20,7 @@ from core.errors import BadRequest, TooLarge
 from core.fhir.outcome import informational
 from core.jobs import Submission, accept_job, get_job
 from core.jobs.callback import check_callback_url
+from core.jobs.control import revive_if_orphaned
 from core.jobs.quota import Quota
 from core.store.db import get_engine
 
@@ -84,12 +85,16 @@ def submit_async(kind: str, request: Request) -> Response:
     )
     with get_engine().begin() as conn:
         accepted = accept_job(conn, request.stream, sub)
+        dispatches = accepted.dispatches
+        if accepted.replayed:
+            # The first submission may have died between its commit and its enqueue.
+            dispatches = revive_if_orphaned(conn, accepted.job_id, cfg.inflight_chunks)
         job = get_job(conn, accepted.job_id, sub.owner)
     assert job is not None
-    if accepted.dispatches:
+    if dispatches:
         from worker.tasks import enqueue_safely
 
-        enqueue_safely(accepted.dispatches)
+        enqueue_safely(dispatches)
 
     headers = {**accepted_headers(base, job), "X-Job-Id": accepted.job_id}
     url = headers["Content-Location"]

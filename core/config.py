@@ -89,15 +89,24 @@ class Settings:
     max_submissions_per_minute: int = field(
         default_factory=lambda: _int("FHIRQ_MAX_SUBMISSIONS_PER_MINUTE", 600)
     )
-    # An active job with no progress for this long is presumed to have lost its tasks.
+    # An active job with no chunk running and no progress for this long is presumed to have
+    # lost its tasks, however busy the queue is...
     stall_seconds: float = field(default_factory=lambda: _float("FHIRQ_JOB_STALL_SECONDS", 120))
-    reaper_interval: float = field(default_factory=lambda: _float("FHIRQ_REAPER_INTERVAL", 30))
+    # ...and after only this long when the queue is empty (no message can be waiting for it).
+    orphan_seconds: float = field(default_factory=lambda: _float("FHIRQ_JOB_ORPHAN_SECONDS", 5))
+    reaper_interval: float = field(default_factory=lambda: _float("FHIRQ_REAPER_INTERVAL", 5))
     queue: str = field(default_factory=lambda: os.environ.get("FHIRQ_QUEUE", "fhirq"))
     # Redis re-delivers an unacked message after this; every task limit stays below it.
     visibility_timeout: int = field(
         default_factory=lambda: _int("FHIRQ_CELERY_VISIBILITY_TIMEOUT", 7200)
     )
     chunk_time_limit: int = field(default_factory=lambda: _int("FHIRQ_CHUNK_TIME_LIMIT", 900))
+    # A piece of a chunk that failed gets the chunk's limit in proportion to its size, but at
+    # least this (a single entry that runs past it twice gets a 500 result).
+    entry_time_limit: int = field(default_factory=lambda: _int("FHIRQ_ENTRY_TIME_LIMIT", 60))
+    # Address space of each worker process (MB; 0: unlimited): an entry that needs more fails
+    # alone instead of taking the machine. A process that grew past half of it is replaced.
+    worker_memory_mb: int = field(default_factory=lambda: _int("FHIRQ_WORKER_MEMORY_MB", 4096))
     transaction_time_limit: int = field(
         default_factory=lambda: _int("FHIRQ_TRANSACTION_TIME_LIMIT", 3600)
     )
@@ -111,6 +120,12 @@ class Settings:
         default_factory=lambda: tuple(
             h for h in os.environ.get("FHIRQ_CALLBACK_ALLOW", "").replace(",", " ").split() if h
         )
+    )
+
+    # Test-only (core.jobs.faults): entries carrying a poison marker misbehave. Never in
+    # production.
+    test_poison: bool = field(
+        default_factory=lambda: os.environ.get("FHIRQ_TEST_POISON", "") == "1"
     )
 
     # Logs (core.logging): `json`, one object per line with the job id when known, for log

@@ -83,6 +83,16 @@ def jobs_env(db_url: str) -> Iterator[dict[str, str]]:
 class WorkerProcess:
     """`celery worker` (with an embedded beat for the reaper) as a child process group."""
 
+    # Every worker of this test session (each test module has its own `session_worker`).
+    started: list[WorkerProcess] = []
+
+    @classmethod
+    def stop_all(cls) -> None:
+        """Stop every worker of the session, e.g. before starting one configured otherwise:
+        workers share the database, so any of them may heal (and run) another one's jobs."""
+        for w in cls.started:
+            w.stop()
+
     def __init__(self, env: dict[str, str], concurrency: int = 2, beat: bool = True) -> None:
         self.env = {**os.environ, **env}
         self.concurrency = concurrency
@@ -105,6 +115,8 @@ class WorkerProcess:
                 argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        if self not in WorkerProcess.started:
+            WorkerProcess.started.append(self)
         wait_for(lambda: b"ready." in self.log.read_bytes(), 30, "the worker to start",
                  on_timeout=self.tail)
         return self

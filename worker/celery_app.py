@@ -3,17 +3,19 @@ result backend is configured.
 
 Delivery is at-least-once (`acks_late`; a task that dies is delivered again) and every task is
 idempotent against PostgreSQL. Time limits stay below the broker's visibility timeout, so a slow
-task is never handed to a second worker while it still runs. The reaper (beat) revives jobs
-whose messages were lost altogether.
+task is never handed to a second worker while it still runs. A task that dies is seen in
+PostgreSQL (core.jobs.chunks), and the reaper (beat, and each worker as it starts) splits its
+chunk to isolate a poison entry and revives jobs whose messages were lost altogether.
 """
 
 from __future__ import annotations
 
 import gc
+import resource
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging, worker_init, worker_process_init
+from celery.signals import setup_logging, worker_init, worker_process_init, worker_ready
 
 from core.config import get_settings
 from core.logging import configure_logging
@@ -38,6 +40,8 @@ celery.conf.update(
     task_soft_time_limit=min(jobs.transaction_time_limit, jobs.visibility_timeout - 120),
     task_time_limit=min(jobs.transaction_time_limit + 60, jobs.visibility_timeout - 60),
     broker_connection_retry_on_startup=True,
+    # A pool process that grew past half its address-space cap is replaced after its task.
+    worker_max_memory_per_child=(jobs.worker_memory_mb * 1024 // 2) or None,
     beat_schedule={
         "fhirq-reap-stalled-jobs": {
             "task": "fhirq.reap",
@@ -85,8 +89,24 @@ def _warm(**_: Any) -> None:
 
 
 @worker_process_init.connect
-def _freeze_child(**_: Any) -> None:
+def _child(**_: Any) -> None:
+    """In each pool process: cap its address space (FHIRQ_WORKER_MEMORY_MB), so that an entry
+    that allocates without bound gets a MemoryError (a 500 for that entry alone) instead of
+    taking the machine; and keep the inherited heap out of the garbage collector's reach."""
+    limit = get_settings().worker_memory_mb << 20
+    if limit > 0:
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     gc.freeze()
+
+
+@worker_ready.connect
+def _reap_on_start(sender: Any, **_: Any) -> None:
+    """A worker that starts (after a crash, a deploy, a broker restart) heals jobs at once
+    instead of at the reaper's next round."""
+    sender.app.send_task("fhirq.reap")
 
 
 

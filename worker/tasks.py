@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
+import psycopg2
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import task_postrun, task_prerun
+from kombu.exceptions import ChannelError
+from psycopg2 import errors as pg_errors
 from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
 
 from core.config import get_settings
 from core.jobs import (
@@ -24,13 +30,13 @@ from core.jobs import (
     get_job,
     job_json,
     jobs_url_for,
-    mark_running,
     reap,
     reap_callbacks,
     run_chunk,
     run_transaction_job,
 )
 from core.jobs.callback import deliver, delivery_time_limit, retry_delay
+from core.jobs.control import recover_chunks
 from core.logging import bind, reset
 from core.store.db import get_engine
 from worker.celery_app import celery
@@ -41,10 +47,16 @@ log = logging.getLogger(__name__)
 
 
 class JobTask(Task):
-    """Runs `run(conn, *args)` in one DB transaction, then enqueues what it returned."""
+    """Runs `run(conn, *args)` in one DB transaction, then enqueues what it returned.
+
+    A lost database (restart, failover) ends the task with one log line and a retry after a
+    short backoff, so its chain resumes within seconds of the database being back. A soft time
+    limit rolls the work back and has the ledger split the chunk at once (core.jobs.control).
+    """
 
     abstract = True
     typing = False  # the body takes `conn` first; Celery must not check call arguments
+    retry_on_disconnect = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -54,29 +66,105 @@ class JobTask(Task):
             log.info("%s%r: job cancelled while running; its work was rolled back",
                      self.name, args)
             return
+        except SoftTimeLimitExceeded:
+            log.warning("%s%r: time limit reached; the chunk was rolled back", self.name, args)
+            _recover(args[0])
+            return
+        except MemoryError:
+            # Celery would take a MemoryError for the worker's own and stop the whole worker.
+            log.error("%s%r: out of memory (FHIRQ_WORKER_MEMORY_MB); the chunk was rolled back",
+                      self.name, args)
+            _recover(args[0])
+            return
+        except DBAPIError as exc:
+            if not database_lost(exc):
+                raise
+            self._database_lost(exc, args)
+            return
         enqueue(dispatches or ())
 
+    def _database_lost(self, exc: DBAPIError, args: Sequence[Any]) -> None:
+        first_line = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        if not self.retry_on_disconnect or self.request.called_directly:
+            log.warning("%s%r: the database is unavailable (%s)", self.name, args, first_line)
+            return
+        countdown = min(5, 1 + self.request.retries)
+        log.warning("%s%r: the database is unavailable (%s); retrying in %d s", self.name, args,
+                    first_line, countdown)
+        raise self.retry(countdown=countdown, max_retries=None)
 
-@celery.task(base=JobTask, name="fhirq.chunk", soft_time_limit=get_settings().chunk_time_limit,
-             time_limit=get_settings().chunk_time_limit + 30)
-def chunk(conn: Connection, job_id: str, gen: int) -> list[Dispatch]:
-    return run_chunk(conn, job_id, gen)
+
+# Errors that say the database connection is gone (not that this work is wrong).
+_LOST = (pg_errors.AdminShutdown, pg_errors.CrashShutdown, pg_errors.CannotConnectNow,
+         psycopg2.InterfaceError)
+
+
+def database_lost(exc: DBAPIError) -> bool:
+    return bool(exc.connection_invalidated) or isinstance(exc.orig, _LOST) or (
+        type(exc.orig) is psycopg2.OperationalError  # cannot connect, server closed the line
+    )
+
+
+def _side() -> AbstractContextManager[Connection]:
+    """A transaction of its own that commits at once (a chunk's claim)."""
+    return get_engine().begin()
+
+
+def _recover(job_id: str) -> None:
+    """Split the job's dead chunks now, rather than at the reaper's next round."""
+    with get_engine().begin() as conn:
+        dispatches = recover_chunks(conn, get_settings().inflight_chunks, job_id)
+    enqueue(dispatches)
+
+
+def time_limits(seconds: int) -> tuple[int, int]:
+    """(soft, hard) Celery limits for work allowed `seconds`: the soft one interrupts Python
+    code, the hard one (SIGKILL) whatever ignores it."""
+    return seconds, seconds + max(1, min(30, seconds // 4))
+
+
+_CHUNK_SOFT, _CHUNK_HARD = time_limits(get_settings().chunk_time_limit)
+
+
+@celery.task(base=JobTask, name="fhirq.chunk", soft_time_limit=_CHUNK_SOFT,
+             time_limit=_CHUNK_HARD)
+def chunk(conn: Connection, job_id: str, gen: int, chunk_id: int | None = None
+          ) -> list[Dispatch]:
+    _recover(job_id)
+    return run_chunk(conn, job_id, gen, _side, chunk_id)
 
 
 @celery.task(base=JobTask, name="fhirq.transaction")
-def transaction(conn: Connection, job_id: str, gen: int = 0) -> list[Dispatch]:
-    with get_engine().begin() as status:  # committed now, before the long transaction
-        mark_running(status, job_id)
-    return run_transaction_job(conn, job_id)
+def transaction(conn: Connection, job_id: str, gen: int = 0, chunk_id: int | None = None
+                ) -> list[Dispatch]:
+    _recover(job_id)
+    return run_transaction_job(conn, job_id, _side, chunk_id)
 
 
 @celery.task(base=JobTask, name="fhirq.reap")
 def reaper(conn: Connection) -> list[Dispatch]:
     cfg = get_settings()
     lost_after = delivery_time_limit(cfg.callback_timeout) + cfg.stall_seconds
-    return reap(conn, cfg.stall_seconds, cfg.inflight_chunks) + reap_callbacks(
-        conn, cfg.stall_seconds, lost_after, cfg.callback_attempts
-    )
+    return reap(conn, cfg.stall_seconds, cfg.inflight_chunks,
+                orphan_seconds=cfg.orphan_seconds, queue_empty=queue_empty()
+                ) + reap_callbacks(conn, cfg.stall_seconds, lost_after, cfg.callback_attempts)
+
+
+reaper.retry_on_disconnect = False  # the next round comes anyway
+
+
+def queue_empty() -> bool:
+    """True if the job queue holds no message (no task can be waiting there for a job); False
+    when the broker cannot tell."""
+    queue = get_settings().queue
+    try:
+        with celery.connection_for_read() as conn:
+            return conn.default_channel.queue_declare(queue=queue, passive=True).message_count == 0
+    except ChannelError:
+        return True  # no such queue: nothing in it
+    except Exception:  # noqa: BLE001 - any broker trouble: assume busy, wait for the stall
+        log.warning("could not read the depth of queue %s", queue, exc_info=True)
+        return False
 
 
 # The time limits end an attempt that a receiver drags out (one byte at a time); the callback
@@ -127,12 +215,20 @@ def _reset_log_context(task: Task, **_: Any) -> None:
 
 def enqueue(dispatches: Iterable[Dispatch]) -> None:
     """Send follow-up tasks. Call only after the transaction that produced them committed."""
+    cfg = get_settings()
     for d in dispatches:
         task = _TASKS[d.task]
         if d.task == "callback":
-            task.apply_async((d.job_id,))
+            task.apply_async((d.job_id,), queue=cfg.queue)
+        elif d.chunk is None:
+            # No limits in the message: the worker's own settings apply (a message otherwise
+            # carries the limits of whichever process sent it).
+            task.apply_async((d.job_id, d.gen), queue=cfg.queue, time_limit=None,
+                             soft_time_limit=None)
         else:
-            task.apply_async((d.job_id, d.gen))
+            soft, hard = time_limits(d.time_limit or cfg.chunk_time_limit)
+            task.apply_async((d.job_id, d.gen, d.chunk), queue=cfg.queue,
+                             soft_time_limit=soft, time_limit=hard)
 
 
 def enqueue_safely(dispatches: Sequence[Dispatch]) -> bool:

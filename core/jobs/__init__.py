@@ -13,14 +13,13 @@ from core.jobs.control import (
     cancel_job,
     claim_callback,
     finish_callback,
-    mark_running,
     reap,
     reap_callbacks,
     retry_failed,
 )
 from core.jobs.intake import Accepted, Submission, accept_job
 from core.jobs.model import ACTIVE, TERMINAL, Dispatch, JobKind, JobState
-from core.jobs.runner import JobCancelled, run_chunk, run_transaction_job
+from core.jobs.runner import JobCancelled, mark_running, run_chunk, run_transaction_job
 from core.jobs.views import (
     get_job,
     job_json,

@@ -15,8 +15,14 @@ TERMINAL = ("completed", "failed", "cancelled")
 
 
 class Dispatch(NamedTuple):
-    """A task to send after commit. Carries ids only: entries stay in PostgreSQL."""
+    """A task to send after commit. Carries ids only: entries stay in PostgreSQL.
+
+    `chunk` names a ledger row (core.jobs.chunks) the task runs, within `time_limit` seconds;
+    without it, a chunk task claims the next entries and chains, within the chunk time limit.
+    """
 
     task: Literal["chunk", "transaction", "callback"]
     job_id: str
     gen: int = 0
+    chunk: int | None = None
+    time_limit: int | None = None

@@ -1,17 +1,18 @@
 """Running a job's entries: batch chunks and whole transactions, inside the caller's DB
 transaction (the worker's task base commits it).
 
-A batch chunk claims up to `chunk_size` pending entries (`FOR UPDATE SKIP LOCKED`), runs them
-through `execute_batch`, and writes every result row with one set-based UPDATE, all in the same
-transaction as the entries' effects: if the task dies, nothing of the chunk is committed and the
-entries are pending again; if it is redelivered after commit, it finds them done. Exactly-once
-effect on at-least-once delivery.
+A batch chunk claims up to `chunk_size` unclaimed pending entries in the chunk ledger
+(core.jobs.chunks, committed at once), runs them through `execute_batch`, and writes every
+result row with one set-based UPDATE, all in the same transaction as the entries' effects and
+the deletion of its ledger row: if the task dies, nothing of the chunk is committed, its entries
+are pending again and its ledger row says it died (core.jobs.control.recover_chunks splits it
+until a poison entry is alone); if it is redelivered after commit, it finds them done.
+Exactly-once effect on at-least-once delivery.
 
-Chunks are claimed by "the next pending entries of this job", not by fixed ranges, so any task of
-the job picks up entries that a dead task left behind. Each job has at most `inflight_chunks`
-chains of tasks: a chunk that found a full chunk of work enqueues its successor (if it belongs to
-the job's current dispatch generation), so a later job's tasks queue behind only a few chunks of
-an earlier one.
+Each job has at most `inflight_chunks` chains of tasks: a chunk that found a full chunk of work
+enqueues its successor (if it belongs to the job's current dispatch generation), so a later
+job's tasks queue behind only a few chunks of an earlier one. A task given a chunk id runs that
+ledger row only (a piece of a failed chunk, with its own time limit) and does not chain.
 
 Representations are not stored twice: a result that is a stored version keeps only
 (type, id, version), and the response bundle re-reads it from `resource_history`. Resources that
@@ -36,15 +37,33 @@ from core.fhir.bundle import upsert_entry, upsert_outcome
 from core.fhir.engine import execute_batch, execute_transaction
 from core.fhir.model import Context, EntryResult
 from core.fhir.outcome import from_error, internal_error
+from core.jobs import chunks, faults
+from core.jobs.chunks import Side, mark_failure
 from core.jobs.model import ACTIVE, Dispatch
 from core.logging import bind
 
-__all__ = ["JobCancelled", "run_chunk", "run_transaction_job"]
+__all__ = [
+    "JobCancelled",
+    "count_results",
+    "fail_transaction",
+    "run_chunk",
+    "run_transaction_job",
+    "write_results",
+]
 
 log = logging.getLogger(__name__)
 
 RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 ATTEMPTS = 3
+
+
+def out_of_memory(index: int) -> FhirError:
+    """What an entry gets that needs more memory than its worker process may have."""
+    return FhirError(
+        "This entry needed more memory than a worker process may use "
+        "(FHIRQ_WORKER_MEMORY_MB); nothing of it was written.",
+        code="too-costly", expression=f"Bundle.entry[{index}]", index=index,
+    )
 
 
 class JobCancelled(Exception):
@@ -57,12 +76,10 @@ SELECT id, kind, state, owner, base_url, prefer_return, chunk_size, gen,
 FROM job WHERE id = :id
 """
 
-_CLAIM = """
+_ENTRIES = """
 SELECT idx, request::text AS request FROM job_entry
-WHERE job_id = :id AND status IS NULL
+WHERE job_id = :id AND idx BETWEEN :lo AND :hi AND status IS NULL
 ORDER BY idx
-LIMIT :n
-FOR UPDATE SKIP LOCKED
 """
 
 _WRITE_RESULTS = """
@@ -94,46 +111,74 @@ RETURNING state, gen
 """
 
 
-def run_chunk(conn: Connection, job_id: str, gen: int) -> list[Dispatch]:
-    """Run the next chunk of a batch or upsert job; return the follow-up tasks."""
+def run_chunk(conn: Connection, job_id: str, gen: int, side: Side,
+              chunk_id: int | None = None) -> list[Dispatch]:
+    """Run the next chunk of a batch or upsert job, or ledger row `chunk_id`; return the
+    follow-up tasks. `side` opens a transaction that commits at once (the claim)."""
     job = conn.execute(text(_JOB), {"id": job_id}).mappings().first()
     if job is None or job["state"] not in ACTIVE or job["kind"] == "transaction":
         return []
-    t0 = datetime.now(UTC)
-    rows = conn.execute(text(_CLAIM), {"id": job_id, "n": job["chunk_size"]}).all()
-    if not rows:
+    claim = _claim(conn, side, job_id, job["chunk_size"], chunk_id, "batch")
+    if claim is None:
         return []
-    bind(chunk=rows[0].idx, entries=len(rows))  # the task's end clears the log context
+    t0 = datetime.now(UTC)
+    rows = conn.execute(text(_ENTRIES), {"id": job_id, "lo": claim.lo, "hi": claim.hi}).all()
+    bind(chunk=claim.lo, entries=len(rows))  # the task's end clears the log context
     ctx = Context(base_url=job["base_url"], prefer_return=job["prefer_return"],
                   owner=job["owner"])
-    results = _run_batch(conn, job["kind"], rows, ctx)
+    try:
+        results = _run_batch(conn, job["kind"], rows, ctx)
+    except SoftTimeLimitExceeded:
+        mark_failure(side, claim.id, "time limit")
+        raise
+    except MemoryError:
+        mark_failure(side, claim.id, "memory")
+        raise
     write_results(conn, job_id, results, job["kind"], job["prefer_return"])
+    chunks.finish(conn, claim.id)
     ok = sum(1 for r in results if r.ok)
-    row = conn.execute(
-        text(_COUNT),
-        {"id": job_id, "n": len(results), "ok": ok, "bad": len(results) - ok, "t0": t0},
-    ).first()
+    row = count_results(conn, job_id, len(results), ok, t0)
     if row is None:
         raise JobCancelled(job_id)
     if row.state == "completed":
         return [Dispatch("callback", job_id)] if job["has_callback"] else []
-    if len(rows) == job["chunk_size"] and gen == row.gen:
+    if chunk_id is None and len(rows) == job["chunk_size"] and gen == row.gen:
         return [Dispatch("chunk", job_id, gen)]
     return []
 
 
-def run_transaction_job(conn: Connection, job_id: str) -> list[Dispatch]:
-    """Run a transaction job whole: its results, or its failure and nothing written."""
-    # One runner per transaction job; a duplicate delivery returns at once instead of waiting.
-    locked = conn.execute(
-        text("SELECT pg_try_advisory_xact_lock(hashtext('fhirq.job'), hashtext(:id))"),
-        {"id": job_id},
-    ).scalar()
-    if not locked:
-        return []
+def count_results(conn: Connection, job_id: str, n: int, ok: int, t0: datetime) -> Any:
+    """Add `n` finished entries (`ok` of them succeeded) to the job's counts; the job's new
+    (state, gen), or None if it is no longer active (cancelled)."""
+    return conn.execute(
+        text(_COUNT), {"id": job_id, "n": n, "ok": ok, "bad": n - ok, "t0": t0}
+    ).first()
+
+
+def _claim(conn: Connection, side: Side, job_id: str, size: int, chunk_id: int | None,
+           kind: str) -> chunks.Claim | None:
+    """Lock and start the ledger row this task runs: a new claim of the next `size` entries,
+    or the waiting row `chunk_id`."""
+    if chunk_id is None:
+        new_id = chunks.lock_new(conn)
+        return chunks.claim_range(side, job_id, new_id, size, chunks.piece_limit(size, size, kind))
+    if not chunks.try_lock(conn, chunk_id):
+        return None  # another task runs it
+    return chunks.start_queued(side, job_id, chunk_id)
+
+
+def run_transaction_job(conn: Connection, job_id: str, side: Side,
+                        chunk_id: int | None = None) -> list[Dispatch]:
+    """Run a transaction job whole: its results, or its failure and nothing written. Its
+    entries are one ledger row, so a run that dies is seen, and a second death fails the job."""
     job = conn.execute(text(_JOB), {"id": job_id}).mappings().first()
     if job is None or job["state"] not in ACTIVE or job["kind"] != "transaction":
         return []
+    claim = _claim(conn, side, job_id, 2**31 - 1, chunk_id, "transaction")
+    if claim is None:
+        return []  # a duplicate delivery: the transaction is claimed already
+    with side() as status:  # committed now, before the long transaction
+        mark_running(status, job_id)
     t0 = datetime.now(UTC)
     ctx = Context(base_url=job["base_url"], prefer_return=job["prefer_return"],
                   owner=job["owner"])
@@ -141,45 +186,45 @@ def run_transaction_job(conn: Connection, job_id: str) -> list[Dispatch]:
         text("SELECT idx, request::text FROM job_entry WHERE job_id = :id ORDER BY idx"),
         {"id": job_id},
     ).all()
+    chunks.finish(conn, claim.id)
     for attempt in range(ATTEMPTS):
         try:
             with conn.begin_nested():
                 entries = [(idx, _decode(idx, raw)) for idx, raw in rows]
                 results = execute_transaction(conn, entries, ctx)
                 write_results(conn, job_id, results, "transaction", job["prefer_return"])
-                row = conn.execute(
-                    text(_COUNT),
-                    {"id": job_id, "n": len(results), "ok": len(results), "bad": 0, "t0": t0},
-                ).first()
+                row = count_results(conn, job_id, len(results), len(results), t0)
                 if row is None:
                     raise JobCancelled(job_id)
             break
         except FhirError as err:
-            _fail_transaction(conn, job_id, err, t0)
+            fail_transaction(conn, job_id, err, t0)
             break
         except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise  # the database went away: the task retries the whole run
             if isinstance(exc.orig, RETRYABLE) and attempt < ATTEMPTS - 1:
                 log.warning("job %s: retrying transaction after %s", job_id,
                             type(exc.orig).__name__)
                 continue
             log.exception("job %s: transaction failed in the database", job_id)
-            _fail_transaction(conn, job_id, None, t0)
+            fail_transaction(conn, job_id, None, t0)
             break
         except JobCancelled:
             raise
         except SoftTimeLimitExceeded:
-            _fail_transaction(conn, job_id, TooLarge(
+            fail_transaction(conn, job_id, TooLarge(
                 "The transaction ran past its time limit (FHIRQ_TRANSACTION_TIME_LIMIT); "
                 "nothing was written. Split it, or send it as a batch."), t0)
             break
         except Exception:
             log.exception("job %s: transaction failed unexpectedly", job_id)
-            _fail_transaction(conn, job_id, None, t0)
+            fail_transaction(conn, job_id, None, t0)
             break
     return [Dispatch("callback", job_id)] if job["has_callback"] else []
 
 
-def _fail_transaction(conn: Connection, job_id: str, err: FhirError | None, t0: datetime
+def fail_transaction(conn: Connection, job_id: str, err: FhirError | None, t0: datetime
                       ) -> None:
     """Record a failed transaction: the OperationOutcome with its status, and the failing
     entry's result row (the other entries stay without a result: none took effect)."""
@@ -217,6 +262,19 @@ def _fail_transaction(conn: Connection, job_id: str, err: FhirError | None, t0: 
     ).first()
     if row is None:
         raise JobCancelled(job_id)
+
+
+def mark_running(conn: Connection, job_id: str) -> None:
+    """Show an accepted job as running. A transaction job does all its work in one database
+    transaction, so without this short one before it, pollers would see `accepted` until the
+    end."""
+    conn.execute(
+        text(
+            "UPDATE job SET state = 'running', started_at = coalesce(started_at, now()), "
+            "updated_at = now() WHERE id = :id AND state = 'accepted'"
+        ),
+        {"id": job_id},
+    )
 
 
 # --------------------------------------------------------------------------- batch chunk
@@ -259,35 +317,58 @@ def _run_batch(conn: Connection, kind: str, rows: Sequence[Any], ctx: Context
 def _execute(conn: Connection, entries: list[tuple[int, dict[str, Any]]], ctx: Context
              ) -> list[EntryResult]:
     """`execute_batch` in a savepoint, retried on deadlock; if it breaks on something else,
-    each entry runs alone so that only the culprit gets a 500."""
+    each entry runs alone so that only the culprit gets a 500. A lost database connection is
+    no entry's fault: it ends the chunk (one log line, by the task), which runs again."""
     for attempt in range(ATTEMPTS):
         try:
             with conn.begin_nested():
-                return execute_batch(conn, entries, ctx)
+                return _execute_batch(conn, entries, ctx)
         except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise
             if not isinstance(exc.orig, RETRYABLE):
                 log.exception("chunk failed in the database; isolating its entries")
                 break
             log.warning("retrying chunk after %s (attempt %d)", type(exc.orig).__name__,
                         attempt + 1)
         except SoftTimeLimitExceeded:
-            raise  # the whole chunk rolls back and stays pending; no per-entry rerun now
+            raise  # the whole chunk rolls back; the ledger splits it (core.jobs.control)
         except Exception:
             log.exception("chunk failed unexpectedly; isolating its entries")
             break
     out: list[EntryResult] = []
+    failed: list[int] = []
     for index, entry in entries:
         try:
             with conn.begin_nested():
-                out.extend(execute_batch(conn, [(index, entry)], ctx))
+                out.extend(_execute_batch(conn, [(index, entry)], ctx))
         except SoftTimeLimitExceeded:
             raise
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise
+            failed.append(index)
+        except MemoryError:
+            failed.append(index)
+            out.append(EntryResult(index, 500, outcome=from_error(out_of_memory(index))))
         except Exception:
-            log.exception("entry %d failed unexpectedly", index)
+            failed.append(index)
             out.append(EntryResult(index, 500, outcome=internal_error(
                 "This entry failed on an internal error; nothing of it was written."
             )))
+    if failed:
+        # One line for the chunk (the traceback of its first failure was logged above).
+        log.error("%d entries of the chunk failed alone on internal errors: %s",
+                  len(failed), failed[:20])
     return out
+
+
+def _execute_batch(conn: Connection, entries: list[tuple[int, dict[str, Any]]], ctx: Context
+                   ) -> list[EntryResult]:
+    if faults.ENABLED:
+        for _, entry in entries:
+            faults.inject(orjson.dumps(entry).decode())
+    return execute_batch(conn, entries, ctx)
 
 
 # --------------------------------------------------------------------------- result rows

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     MetaData,
@@ -102,6 +103,8 @@ job = Table(
     # Dispatch generation: only chunk tasks of the current generation enqueue a successor, so
     # re-dispatching (reaper, retry) never multiplies the tasks in flight.
     Column("gen", Integer, nullable=False, server_default="0"),
+    # Claim cursor: every pending entry below it belongs to a `job_chunk` row.
+    Column("claimed_upto", Integer, nullable=False, server_default="0"),
     Column("outcome", JSONB),  # a failed transaction's OperationOutcome
     Column("outcome_status", Integer),
     Column("idempotency_key", Text),
@@ -175,6 +178,26 @@ job_entry = Table(
         "finished_at",
         postgresql_where=text("finished_at IS NOT NULL"),
     ),
+)
+
+# The chunk ledger (core.jobs.chunks): a row per chunk that runs or waits for a task, deleted in
+# the transaction that writes its results. A `running` row whose advisory lock nobody holds is a
+# chunk whose task died.
+job_chunk = Table(
+    "job_chunk",
+    metadata,
+    Column("id", Integer, Identity(cycle=True), primary_key=True),
+    Column("job_id", Text, ForeignKey("job.id", ondelete="CASCADE"), nullable=False),
+    Column("lo", Integer, nullable=False),  # entry indexes lo..hi (only pending ones run)
+    Column("hi", Integer, nullable=False),
+    Column("state", Text, nullable=False),  # queued | running
+    Column("attempts", Integer, nullable=False, server_default="0"),  # runs started
+    Column("time_limit", Integer, nullable=False),  # seconds its task may run
+    Column("failure", Text),  # why its last run ended unfinished, when the run could tell
+    Column("started_at", DateTime(timezone=True)),
+    Column("deadline_at", DateTime(timezone=True)),  # started_at + time_limit
+    CheckConstraint("state IN ('queued', 'running')", name="ck_job_chunk_state"),
+    Index("ix_job_chunk_job", "job_id"),
 )
 
 # Unlogged staging for a body being accepted: written by COPY and split into `job_entry` by SQL
