@@ -5,12 +5,15 @@ by the reaper, with the same `X-Fhirq-Delivery-Id`."""
 
 from __future__ import annotations
 
+import datetime
 import http.server
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -119,6 +122,11 @@ class Receiver:
     headers: dict[str, str] = field(default_factory=dict)
     calls: list[dict[str, Any]] = field(default_factory=list)
     port: int = 0
+    server: Any = None
+
+    def wrap(self, context: ssl.SSLContext) -> None:
+        """Serve TLS from now on."""
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
 
 
 @pytest.fixture
@@ -139,7 +147,7 @@ def receiver() -> Iterator[Receiver]:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    rec.port = server.server_address[1]
+    rec.port, rec.server = server.server_address[1], server
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield rec
@@ -158,6 +166,57 @@ def test_the_connection_goes_to_the_checked_address(receiver: Receiver) -> None:
     assert call["path"] == "/cb?x=1" and call["body"] == b'{"id":"j"}'
     assert call["headers"]["Host"] == f"hooks.example.test:{receiver.port}"
     assert call["headers"]["X-Fhirq-Delivery-Id"] == "j.0"
+
+
+def certificate(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for `name` (its own CA) and its key, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / f"{name}.pem", directory / f"{name}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+@pytest.mark.parametrize("served_name", ["hooks.example.test", "other.example.test"])
+def test_https_goes_to_the_checked_address_with_the_name_as_server_name(
+    receiver: Receiver, tmp_path: Path, served_name: str
+) -> None:
+    """TLS to the pinned address: the name travels as SNI and the certificate must be the
+    name's (a certificate for another name is refused, although the address is right)."""
+    cert, key = certificate(tmp_path, served_name)
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+    seen: list[str | None] = []
+    server_side.sni_callback = lambda sock, name, ctx: seen.append(name)
+    receiver.wrap(server_side)
+    trust = ssl.create_default_context(cafile=str(cert))
+    dns = fake_dns({"hooks.example.test": ["127.0.0.1"]})
+    sent = deliver(f"https://hooks.example.test:{receiver.port}/cb", {"id": "j"}, timeout=5,
+                   allow=("127.0.0.1",), delivery_id="j.0", resolver=dns, verify=trust)
+    assert seen == ["hooks.example.test"]
+    if served_name == "hooks.example.test":
+        assert sent
+        assert receiver.calls[0]["headers"]["Host"] == f"hooks.example.test:{receiver.port}"
+    else:
+        assert not sent and receiver.calls == []
 
 
 def test_a_name_that_now_resolves_inside_is_not_called(receiver: Receiver) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -186,9 +187,11 @@ def check_callback_url(url: str, allow: Sequence[str], resolver: Resolver = reso
 
 
 def deliver(url: str, payload: dict[str, Any], *, timeout: float, allow: Sequence[str],
-            delivery_id: str, resolver: Resolver = resolve) -> bool:
+            delivery_id: str, resolver: Resolver = resolve,
+            verify: ssl.SSLContext | bool = True) -> bool:
     """POST the payload to the checked address; True on a 2xx answer. Redirects are not
-    followed (a 3xx is a failure)."""
+    followed (a 3xx is a failure). `verify`: how the server's certificate is checked against
+    the host name (by default, against the public CAs httpx trusts)."""
     try:
         target = _check(url, allow, resolver)
     except CallbackRefused as exc:
@@ -200,7 +203,8 @@ def deliver(url: str, payload: dict[str, Any], *, timeout: float, allow: Sequenc
                DELIVERY_ID_HEADER: delivery_id}
     extensions = {"sni_hostname": target.host} if target.url.scheme == "https" else {}
     try:
-        with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+        with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False,
+                          verify=verify) as client:
             response = client.post(target.url, content=orjson.dumps(payload), headers=headers,
                                    extensions=extensions)
     except httpx.HTTPError as exc:
