@@ -55,8 +55,7 @@ _LABELS = (
     ("UPDATE job SET", "update job row"),
     ("pg_advisory_xact_lock", "advisory locks"),
     ("FROM resource r JOIN unnest", "read resources by key"),
-    ("COPY job_upload", "COPY body (accept)"),
-    ("INSERT INTO job_entry", "split body into entries (accept)"),
+    ("COPY job_entry", "COPY entries (accept)"),
     ("UPDATE resource r SET", "delete resources"),
     ("FROM job_entry WHERE job_id", "read job entries"),
 )

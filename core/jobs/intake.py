@@ -1,9 +1,10 @@
 """Accepting a submission: the job row and all its entries, persisted with bounded memory.
 
-A JSON body (a Bundle, or an upsert array) is never parsed in Python. It is streamed with COPY
-into one unlogged `job_upload` row, then split by PostgreSQL's own JSON parser into `job_entry`
-rows (`json_each` + `json_array_elements ... WITH ORDINALITY`) in one statement; the staging row
-is deleted before commit. Peak API memory is one read buffer, whatever the body size.
+A JSON body (a Bundle, or an upsert array) is walked as it arrives (`core.jobs.jsonstream`):
+each entry is cut out as its exact text, checked by orjson, and COPied straight into `job_entry`;
+the envelope (resourceType, type, entry) is checked on the way. Neither the API nor PostgreSQL
+ever holds the whole body: API memory is one read buffer and one entry, PostgreSQL's is that of
+a COPY of small rows, whatever the body size.
 NDJSON is streamed line by line: each line is checked with orjson and COPied as one entry; a line
 that is not JSON becomes a 400 result in its place at once.
 
@@ -24,11 +25,12 @@ from typing import Any, BinaryIO, Literal
 import orjson
 from psycopg2 import errors as pg_errors
 from sqlalchemy import Connection, text
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 
 from core.errors import BadRequest, FhirError, TooLarge, Unprocessable
 from core.fhir.outcome import from_error
 from core.jobs import quota
+from core.jobs.jsonstream import JsonStream
 from core.jobs.model import Dispatch, JobKind
 
 __all__ = ["Accepted", "Submission", "accept_job", "initial_dispatches"]
@@ -88,16 +90,9 @@ def accept_job(conn: Connection, body: BinaryIO, sub: Submission) -> Accepted:
         total, prefailed = _load_ndjson(conn, job_id, source)
         kind: JobKind = "upsert"
     else:
-        _upload(conn, job_id, source, expect=b"{" if sub.kind == "bundle" else b"[")
-        # The split holds the entry array once in a tuplestore: keep it in memory, not on disk.
-        work_mem = min(1024, 16 + source.size * 11 // 10 // (1 << 20))
-        conn.execute(text(f"SET LOCAL work_mem = '{work_mem}MB'"))
-        if sub.kind == "bundle":
-            kind, total = _split_bundle(conn, job_id)
-        else:
-            kind, total = "upsert", _split_array(conn, job_id)
-        prefailed = 0
-        conn.execute(text("DELETE FROM job_upload WHERE job_id = :id"), {"id": job_id})
+        envelope = _load_json(conn, job_id, source, sub.kind)
+        kind = _check_bundle(envelope) if sub.kind == "bundle" else "upsert"
+        total, prefailed = envelope.total, 0
     if total >= ANALYZE_ABOVE:
         # A big job just added rows the planner knows nothing of: without statistics it claims
         # chunks with a bitmap scan and a sort of every pending entry (~290 ms per claim at
@@ -308,27 +303,6 @@ def _copy(conn: Connection, sql: str, rows: Iterator[bytes]) -> None:
         cursor.close()
 
 
-def _upload(conn: Connection, job_id: str, source: _BodySource, *, expect: bytes) -> None:
-    def rows() -> Iterator[bytes]:
-        chunks = source.chunks()
-        first = b""
-        for chunk in chunks:
-            first = chunk.lstrip(WHITESPACE)
-            if first:
-                break
-        if not first:
-            raise BadRequest("The request body is empty", code="required")
-        if first[:1] != expect:
-            what = "a Bundle (JSON object)" if expect == b"{" else "a JSON array of resources"
-            raise BadRequest(f"The body must be {what}", code="structure", expression="$")
-        yield job_id.encode() + b"\t" + _copy_escape(first)
-        for chunk in chunks:
-            yield _copy_escape(chunk)
-        yield b"\n"
-
-    _copy(conn, "COPY job_upload (job_id, body) FROM STDIN", rows())
-
-
 def _body_error(exc: Exception) -> FhirError:
     orig = getattr(exc, "orig", exc)
     diag = getattr(orig, "diag", None)
@@ -345,76 +319,120 @@ def _body_error(exc: Exception) -> FhirError:
     return exc if isinstance(exc, FhirError) else BadRequest(message, code="structure")
 
 
-def _split(conn: Connection, sql: str, params: dict[str, Any]) -> Any:
-    try:
-        return conn.execute(text(sql), params)
-    except DBAPIError as exc:
-        if isinstance(exc.orig, pg_errors.DataError | pg_errors.StatementTooComplex
-                      | pg_errors.ProgramLimitExceeded):
-            raise _body_error(exc) from exc
-        raise
+# Entries are COPied in batches of about this many bytes.
+COPY_BATCH = 1 << 20
 
 
-# One parse of the body for the top-level keys, one of the entry array: the envelope is
-# checked from the same materialised `json_each` rows the entries are split from.
-_SPLIT_BUNDLE = """
-WITH top AS MATERIALIZED (
-    SELECT t.key, t.value FROM job_upload u, json_each(u.body::json) AS t WHERE u.job_id = :id
-), envelope AS (
-    SELECT
-        (SELECT value #>> '{}' FROM top WHERE key = 'resourceType' LIMIT 1) AS resource_type,
-        (SELECT value #>> '{}' FROM top WHERE key = 'type' LIMIT 1) AS bundle_type,
-        (SELECT json_typeof(value) FROM top WHERE key = 'entry' LIMIT 1) AS entry_type,
-        (SELECT count(*) FROM top WHERE key IN ('resourceType', 'type', 'entry')) AS keys,
-        (SELECT count(DISTINCT key) FROM top WHERE key IN ('resourceType', 'type', 'entry'))
-            AS distinct_keys
-), ins AS (
-    INSERT INTO job_entry (job_id, idx, request)
-    SELECT :id, x.o - 1, x.e
-    FROM top, envelope, json_array_elements(top.value) WITH ORDINALITY AS x(e, o)
-    WHERE top.key = 'entry' AND envelope.entry_type = 'array'
-      AND envelope.resource_type = 'Bundle'
-      AND envelope.bundle_type IN ('batch', 'transaction')
-      AND envelope.keys = envelope.distinct_keys
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM ins) AS total, envelope.* FROM envelope
-"""
+@dataclass(slots=True)
+class _Envelope:
+    """The top-level members of a Bundle that decide whether it can become a job."""
 
-_SPLIT_ARRAY = """
-INSERT INTO job_entry (job_id, idx, request)
-SELECT :id, x.o - 1, x.e
-FROM job_upload u, json_array_elements(u.body::json) WITH ORDINALITY AS x(e, o)
-WHERE u.job_id = :id
-"""
+    resource_type: Any = None
+    bundle_type: Any = None
+    entry_type: str | None = None
+    repeated: bool = False
+    total: int = 0
 
 
-def _split_bundle(conn: Connection, job_id: str) -> tuple[JobKind, int]:
-    row = _split(conn, _SPLIT_BUNDLE, {"id": job_id}).mappings().one()
-    if row["resource_type"] != "Bundle":
+def _load_json(conn: Connection, job_id: str, source: _BodySource, kind: str) -> _Envelope:
+    """COPY the entries of a Bundle (`kind` "bundle") or the elements of an upsert array into
+    job_entry as they arrive, each one its exact JSON text. PostgreSQL receives ordinary rows,
+    so its memory does not depend on the body's size."""
+    envelope = _Envelope()
+    prefix = job_id.encode() + b"\t"
+
+    def rows() -> Iterator[bytes]:
+        doc = JsonStream(source.chunks())
+        batch: list[bytes] = []
+        size = 0
+        for raw in _elements(doc, kind, envelope):
+            row = prefix + str(envelope.total).encode() + b"\t" + _copy_escape(raw) + b"\n"
+            envelope.total += 1
+            batch.append(row)
+            size += len(row)
+            if size >= COPY_BATCH:
+                yield b"".join(batch)
+                batch, size = [], 0
+        if batch:
+            yield b"".join(batch)
+
+    _copy(conn, "COPY job_entry (job_id, idx, request) FROM STDIN", rows())
+    return envelope
+
+
+def _elements(doc: JsonStream, kind: str, envelope: _Envelope) -> Iterator[bytes]:
+    """The raw entries of the body; the envelope's members are noted on the way."""
+    first = doc.peek()
+    if first is None:
+        raise BadRequest("The request body is empty", code="required")
+    if kind == "upsert":
+        if first != ord("["):
+            raise BadRequest("The body must be a JSON array of resources", code="structure",
+                             expression="$")
+        yield from _array(doc)
+        doc.end()
+        return
+    if first != ord("{"):
+        raise BadRequest("The body must be a Bundle (JSON object)", code="structure",
+                         expression="$")
+    doc.expect(b"{")
+    seen: set[str] = set()
+    while not doc.take(b"}"):
+        if seen:
+            doc.expect(b",")
+        key = orjson.loads(doc.value())
+        if not isinstance(key, str):
+            raise BadRequest("The body is not valid JSON (an object key must be a string)",
+                             code="structure")
+        doc.expect(b":")
+        envelope.repeated |= key in seen and key in ("resourceType", "type", "entry")
+        seen.add(key)
+        if key == "entry" and doc.peek() == ord("["):
+            envelope.entry_type = "array"
+            yield from _array(doc)
+            continue
+        raw = doc.value()
+        if key == "resourceType":
+            envelope.resource_type = orjson.loads(raw)
+        elif key == "type":
+            envelope.bundle_type = orjson.loads(raw)
+        elif key == "entry":
+            envelope.entry_type = "other"
+    doc.end()
+
+
+def _array(doc: JsonStream) -> Iterator[bytes]:
+    doc.expect(b"[")
+    if doc.take(b"]"):
+        return
+    while True:
+        yield doc.value()
+        if doc.take(b"]"):
+            return
+        doc.expect(b",")
+
+
+def _check_bundle(envelope: _Envelope) -> JobKind:
+    if envelope.resource_type != "Bundle":
         raise BadRequest(
-            f"Expected a Bundle, got resourceType '{row['resource_type']}'",
+            f"Expected a Bundle, got resourceType '{envelope.resource_type}'",
             expression="Bundle.resourceType",
         )
-    if row["bundle_type"] not in ("batch", "transaction"):
+    if envelope.bundle_type not in ("batch", "transaction"):
         raise BadRequest(
-            f"Bundle.type must be 'batch' or 'transaction', not '{row['bundle_type']}'",
+            f"Bundle.type must be 'batch' or 'transaction', not '{envelope.bundle_type}'",
             expression="Bundle.type",
             code="value",
         )
-    if row["keys"] != row["distinct_keys"]:
+    if envelope.repeated:
         raise BadRequest(
             "The Bundle repeats a property (resourceType, type or entry)",
             expression="Bundle",
             code="structure",
         )
-    if row["entry_type"] not in (None, "array"):
+    if envelope.entry_type not in (None, "array"):
         raise BadRequest("Bundle.entry must be an array", expression="Bundle.entry")
-    return row["bundle_type"], int(row["total"])
-
-
-def _split_array(conn: Connection, job_id: str) -> int:
-    return _split(conn, _SPLIT_ARRAY, {"id": job_id}).rowcount
+    return envelope.bundle_type  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- NDJSON

@@ -154,7 +154,7 @@ job_entry = Table(
     metadata,
     Column("job_id", Text, ForeignKey("job.id", ondelete="CASCADE"), nullable=False),
     Column("idx", Integer, nullable=False),
-    # The entry as sent (`json`, not `jsonb`: stored as split from the body without a re-parse).
+    # The entry as sent (`json`, not `jsonb`: its text as cut from the body, not re-encoded).
     # NULL for an NDJSON line that was not JSON; its 400 result is written at accept time.
     Column("request", JSON),
     Column("status", Integer),  # NULL while pending
@@ -200,8 +200,8 @@ job_chunk = Table(
     Index("ix_job_chunk_job", "job_id"),
 )
 
-# Unlogged staging for a body being accepted: written by COPY and split into `job_entry` by SQL
-# in the same transaction, then deleted before commit (a row is never visible to anyone).
+# Unlogged staging that earlier versions split bodies from in SQL. Nothing writes it any more:
+# the intake COPies entries straight into `job_entry` (core.jobs.intake).
 job_upload = Table(
     "job_upload",
     metadata,
