@@ -173,7 +173,9 @@ def _rest(method: str, url: str, *, resource: Any = None, write: bool) -> Respon
     results = _in_transaction(lambda conn: execute_batch(conn, [(0, entry)], ctx))
     result = results[0]
     if not result.ok and result.outcome:
-        _strip_entry_prefix(result.outcome, rtype)
+        # A FHIRPath Patch's errors are in the Parameters the client sent, not in the target.
+        sent = resource.get("resourceType") if isinstance(resource, dict) else None
+        _strip_entry_prefix(result.outcome, "Parameters" if sent == "Parameters" else rtype)
     return result_response(result, ctx, write=write, head=method == "HEAD")
 
 
