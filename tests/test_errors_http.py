@@ -123,8 +123,32 @@ def test_large_header_fields_are_431_outcomes(server: int, size: int) -> None:
     _outcome(answer, 431, "too-long")
 
 
-def test_unparsable_request_line_is_a_400_outcome(server: int) -> None:
-    _outcome(_exchange(server, b"GET\x01 / HTTP/1.1\r\nHost: x\r\n\r\n"), 400, "invalid")
+def test_too_many_header_fields_are_a_431_outcome(server: int) -> None:
+    fields = [f"X-F{i}: {i}" for i in range(150)]  # gunicorn takes at most 100
+    _outcome(_exchange(server, _get(server, "/fhir/metadata", *fields)), 431, "too-long")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET\x01 / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /fhir HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}",
+        b"POST /fhir HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"zz\r\n{}\r\n0\r\n\r\n",
+        b"PUT /fhir HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/fhir+ndjson\r\n\r\n2\r\n{}xx\r\n0\r\n\r\n",
+        b"POST /fhir HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nPrefer: respond-async\r\n"
+        b"Content-Type: application/fhir+json\r\n\r\n1\r\n{\r\nqq\r\n",
+        b"GET / HTTP/9.9\r\nHost: x\r\n\r\n",
+    ],
+    ids=["request-line", "content-length", "chunk-size", "chunk-terminator", "async-chunk",
+         "http-version"],
+)
+def test_requests_gunicorn_cannot_parse_are_400_outcomes(server: int, raw: bytes) -> None:
+    got, headers, body = _exchange(server, raw)
+    assert 400 <= got < 500 or got == 505, body[:300]
+    assert headers["content-type"].startswith("application/fhir+json"), headers
+    assert orjson.loads(body)["resourceType"] == "OperationOutcome"
 
 
 @pytest.mark.parametrize(

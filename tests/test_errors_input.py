@@ -12,6 +12,8 @@ import pytest
 
 from core.errors import BadRequest
 from core.fhir.strings import check_json_text
+from tests.jobs_helpers import *  # noqa: F403 - fixtures
+from tests.jobs_helpers import scalar
 
 JSON_PATCH = "application/json-patch+json"
 
@@ -225,3 +227,13 @@ def test_limits_before_routing(client: Any) -> None:
     assert issue["code"] == "too-long"
     issue = _issue(client.get("/fhir/metadata", headers={"X-Big": "b" * 9000}), 431)
     assert issue["expression"] == ["X-Big"]
+
+
+def test_nul_in_an_async_body_is_refused_at_submit(api: Any, clean_db: Any) -> None:
+    body = (b'{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":"POST",'
+            b'"url":"Patient"},"resource":{"resourceType":"Patient","gender":"\\u0000"}}]}')
+    r = api.post("/fhir", data=body, content_type="application/fhir+json",
+                 headers={"Prefer": "respond-async"})
+    issue = _issue(r, 400)
+    assert issue["code"] == "value" and "U+0000" in issue["diagnostics"]
+    assert scalar(clean_db, "SELECT count(*) FROM job") == 0
