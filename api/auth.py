@@ -38,6 +38,12 @@ same key could not do through REST. Batch upsert elements are PUTs by (checked) 
 on `*` allows through REST too. Any other route needs `r` on `*` for GET/HEAD and `cud` on `*`
 otherwise. Ids in paths are checked right after this hook (`api.ids`), before any view runs.
 
+The route's check is the envelope only. The engine checks every entry again against the
+caller's `Permissions` (`core.auth.permissions`, passed in the engine's Context; an async job
+stores the submitter's scopes for its worker): the entry's own letters, and `s` on every type a
+search of it runs on — conditions, search entries, conditional references inside written
+resources (`Patient?identifier=…`, which `cu` on `*` alone does not allow).
+
 A write is not a read: a REST write by a caller without `r` on the type is answered as with
 `Prefer: return=minimal` (a PATCH's answer would otherwise show elements the caller never sent).
 """

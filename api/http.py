@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 from flask import Request, Response, current_app, request
 
+from core.auth.permissions import Permissions
 from core.config import Settings
 from core.errors import BadRequest, TooLarge, UnsupportedMediaType
 from core.fhir.model import Context, EntryResult, PreferReturn
@@ -57,10 +58,13 @@ def prefer_return(req: Request | None = None) -> PreferReturn:
 def context(req: Request | None = None) -> Context:
     from flask import g
 
+    principal = g.get("principal")
     return Context(
         base_url=base_url(req),
         prefer_return=prefer_return(req),
         owner=g.get("owner", "anonymous"),
+        # A request that was not authenticated holds nothing (api.auth sets the principal).
+        permissions=principal.permissions if principal is not None else Permissions(),
     )
 
 

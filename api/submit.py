@@ -81,6 +81,7 @@ def submit_async(kind: str, request: Request) -> Response:
         inflight_chunks=cfg.inflight_chunks,
         idempotency_key=key.strip() if key else None,
         callback_url=callback,
+        scopes=g.principal.scopes,
         quota=Quota(cfg.max_active_jobs, cfg.max_submissions_per_minute),
     )
     with get_engine().begin() as conn:

@@ -100,7 +100,7 @@ def _accept(engine: Engine, body: bytes, chunk_size: int) -> str:
     from core.jobs import Submission, accept_job
 
     sub = Submission(kind="bundle", owner="bench", base_url="http://bench/fhir",
-                     chunk_size=chunk_size)
+                     chunk_size=chunk_size, scopes=("system/*.*",))
     with engine.begin() as conn:
         return accept_job(conn, io.BytesIO(body), sub).job_id
 

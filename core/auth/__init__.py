@@ -4,6 +4,7 @@
     core.auth.api_keys     static API keys `fhq_<id>_<secret>`, stored hashed (table api_key)
     core.auth.jwt_tokens   JWTs checked against a JWKS (RS256 / ES256)
     core.auth.scopes       SMART `system/` scopes and what a request needs
+    core.auth.permissions  what the FHIR engine lets a caller do, from its scopes
 
 The owner a token names is the owner of the jobs it submits; every job query filters on it.
 API keys and JWTs share one owner namespace: a key created for `etl` and a JWT with
@@ -19,6 +20,7 @@ from sqlalchemy import Engine
 
 from core.auth.api_keys import hash_token, is_api_key, verify_key
 from core.auth.jwt_tokens import jwks_for, verify_jwt
+from core.auth.permissions import Permissions
 from core.auth.scopes import Grant, Requirement, allows, parse_scopes
 from core.config import Settings
 from core.errors import Unauthorized
@@ -41,6 +43,11 @@ class Principal:
 
     def allows(self, need: Requirement) -> bool:
         return allows(self.grants, need)
+
+    @property
+    def permissions(self) -> Permissions:
+        """What the FHIR engine lets this caller do, entry by entry."""
+        return Permissions.of(self.scopes)
 
 
 # Everyone, when authentication is off (`fhirq up` on loopback).

@@ -21,9 +21,19 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from core.auth.permissions import Permissions, denial
 from core.config import get_settings
-from core.errors import BadRequest, FhirError, Gone, NotFound, PreconditionFailed, Unprocessable
+from core.errors import (
+    BadRequest,
+    FhirError,
+    Forbidden,
+    Gone,
+    NotFound,
+    PreconditionFailed,
+    Unprocessable,
+)
 from core.fhir import outcome as oo
+from core.fhir.access import refused
 from core.fhir.model import Context, EntryResult
 from core.fhir.patch import apply_fhirpath_patch, apply_json_patch, decode_binary_patch
 from core.fhir.planning import (
@@ -131,10 +141,11 @@ def run_batch(conn: Connection, plan: BatchPlan, ctx: Context) -> list[EntryResu
     A failing entry gets an error result and never affects the others."""
     fail = _Failures(transaction=False)
     live = [Step.of(e) for e in plan.entries]
+    _authorize(live, ctx, fail)
     repo.lock_conditions(conn, plan.locks)
-    _resolve_conditions(conn, plan, [s for s in live if _is_conditional(s)], fail)
+    _resolve_conditions(conn, [s for s in live if _is_conditional(s)], fail)
     writers = [s for s in live if s.result is None and s.writes]
-    _resolve_references(conn, writers, None, fail)
+    _resolve_references(conn, writers, None, fail, ctx.permissions)
     _check_targets(conn, [s for s in writers if s.result is None], fail)
     # Entries touching the same resource run in request order, one wave each.
     seen: Counter[Key] = Counter()
@@ -168,10 +179,11 @@ def run_transaction(conn: Connection, plan: TransactionPlan, ctx: Context) -> li
     steps = {e.index: Step.of(e) for e in plan.entries}
     ordered = [steps[i] for i in plan.order]
     writers = [s for s in ordered if s.entry.phase < WRITE_PHASES]
+    _authorize(list(steps.values()), ctx, fail)
     repo.lock_conditions(conn, plan.locks)
     # Every condition is looked up in the store as it was before this transaction, so what one
     # entry resolves to never depends on another entry's effect (they may not overlap anyway).
-    _resolve_conditions(conn, plan, [s for s in writers if _is_conditional(s)], fail)
+    _resolve_conditions(conn, [s for s in writers if _is_conditional(s)], fail)
     check_overlap(_touches(writers))
     _write(conn, [s for s in writers if s.kind == "delete"], fail, ctx)
     others = [s for s in writers if s.kind != "delete"]
@@ -181,7 +193,7 @@ def run_transaction(conn: Connection, plan: TransactionPlan, ctx: Context) -> li
         if target.id is not None:
             placeholders[full_url] = f"{target.resource_type}/{target.id}"
     live = [s for s in others if s.writes]
-    _resolve_references(conn, live, placeholders, fail)
+    _resolve_references(conn, live, placeholders, fail, ctx.permissions)
     _check_targets(conn, live, fail)
     _write(conn, live, fail, ctx)
     _answer_matches(conn, [s for s in others if s.matched])
@@ -194,6 +206,16 @@ def run_transaction(conn: Connection, plan: TransactionPlan, ctx: Context) -> li
         assert result is not None, f"entry {e.index} produced no result"
         out.append(result)
     return out
+
+
+def _authorize(steps: list[Step], ctx: Context, fail: _Failures) -> None:
+    """Refuse, before anything runs, the steps whose interaction or condition the caller's
+    scopes do not allow (a transaction fails on the first, in request order)."""
+    denied = refused([s.entry for s in steps], ctx.permissions)
+    for s in steps:
+        err = denied.get(s.index)
+        if err is not None:
+            fail(s, err)
 
 
 def _touches(writers: list[Step]) -> Iterable[tuple[int, str, str]]:
@@ -214,17 +236,19 @@ def _is_conditional(step: Step) -> bool:
     return step.entry.condition is not None and step.result is None
 
 
-def _resolve_conditions(
-    conn: Connection, plan: TransactionPlan | BatchPlan, steps: list[Step], fail: _Failures
-) -> None:
-    """Give each conditional step its target id (or none), per FHIR http.html#cond-update."""
+def _resolve_conditions(conn: Connection, steps: list[Step], fail: _Failures) -> None:
+    """Give each conditional step its target id (or none), per FHIR http.html#cond-update.
+    Only the conditions of `steps` are searched: a refused entry's condition never runs."""
     if not steps:
         return
-    by_type: dict[str, list[Condition]] = defaultdict(list)
-    for c in plan.conditions:
-        by_type[c.resource_type].append(c)
+    by_type: dict[str, dict[str, Condition]] = defaultdict(dict)
+    for s in steps:
+        c = s.entry.condition
+        assert c is not None
+        by_type[c.resource_type].setdefault(c.key, c)
     found: dict[str, list[str]] = {}
-    for resource_type, conditions in by_type.items():
+    for resource_type, distinct in by_type.items():
+        conditions = list(distinct.values())
         ids = find_ids_many(conn, resource_type, [list(c.query) for c in conditions])
         found.update(zip((c.key for c in conditions), ids, strict=True))
     leaders: dict[str, Step] = {}
@@ -285,9 +309,15 @@ def _apply_match(s: Step, ids: list[str], leader: Step | None) -> None:
 
 
 def _resolve_references(
-    conn: Connection, steps: list[Step], placeholders: dict[str, str] | None, fail: _Failures
+    conn: Connection,
+    steps: list[Step],
+    placeholders: dict[str, str] | None,
+    fail: _Failures,
+    permissions: Permissions,
 ) -> None:
-    """Rewrite placeholders and conditional references in the resources of write steps."""
+    """Rewrite placeholders and conditional references in the resources of write steps. A
+    conditional reference is a search of its type: without `s` on that type it is refused
+    (403) and not searched, so a write cannot tell whether a resource matches."""
     conditional: dict[str, list[Step]] = defaultdict(list)
     for s in steps:
         if s.result is None and s.resource is not None and s.kind != "patch":
@@ -307,6 +337,14 @@ def _resolve_references(
         rtype, _, qs = ref.partition("?")
         by_type[rtype].append((ref, parse_query_string(qs)))
     for rtype, items in by_type.items():
+        if not permissions.allows(rtype, "s"):
+            for ref, _ in items:
+                denied = Forbidden(denial(
+                    rtype, "s", f"Conditional reference '{ref}' is resolved by a search of {rtype}"
+                ))
+                for s in conditional[ref]:
+                    _fail_ref(s, denied, ref, fail)
+            continue
         valid: list[tuple[str, list[tuple[str, str]]]] = []
         for ref, query in items:
             try:

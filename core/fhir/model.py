@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from core.auth.permissions import UNRESTRICTED, Permissions
 from core.fhir.outcome import status_line
 
 PreferReturn = Literal["minimal", "representation", "OperationOutcome"]
@@ -22,6 +23,9 @@ class Context:
     base_url: str = ""  # e.g. "http://127.0.0.1:8080/fhir" — used for absolute links
     prefer_return: PreferReturn = "representation"
     owner: str = "anonymous"
+    # What the caller may do. The edges that act for a caller (the API, the job runner) always
+    # set it from the caller's scopes; in-process callers (the server's own work) hold all.
+    permissions: Permissions = UNRESTRICTED
 
 
 @dataclass(slots=True)

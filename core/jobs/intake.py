@@ -53,6 +53,9 @@ class Submission:
     inflight_chunks: int = 4
     idempotency_key: str | None = None
     callback_url: str | None = None
+    # The submitter's SMART scopes, stored with the job: its entries run with exactly these
+    # (none: every entry is refused). The server's own jobs hold `system/*.*`.
+    scopes: tuple[str, ...] = ()
     quota: quota.Quota = field(default_factory=lambda: quota.Quota(0, 0))
 
 
@@ -153,9 +156,9 @@ def _insert_job(conn: Connection, job_id: str, sub: Submission) -> None:
         text(
             """
             INSERT INTO job (id, owner, kind, prefer_return, base_url, chunk_size,
-                             idempotency_key, callback_url, callback_state)
+                             idempotency_key, callback_url, callback_state, scopes)
             VALUES (:id, :owner, :kind, :prefer, :base, :chunk, :key, :cb,
-                    CASE WHEN :cb IS NULL THEN NULL ELSE 'pending' END)
+                    CASE WHEN :cb IS NULL THEN NULL ELSE 'pending' END, :scopes)
             """
         ),
         {
@@ -167,6 +170,7 @@ def _insert_job(conn: Connection, job_id: str, sub: Submission) -> None:
             "chunk": max(1, sub.chunk_size),
             "key": sub.idempotency_key,
             "cb": sub.callback_url,
+            "scopes": list(sub.scopes),
         },
     )
 

@@ -32,6 +32,7 @@ from psycopg2 import errors as pg_errors
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
+from core.auth.permissions import Permissions
 from core.errors import BadRequest, FhirError, TooLarge
 from core.fhir.bundle import upsert_entry, upsert_outcome
 from core.fhir.engine import execute_batch, execute_transaction
@@ -71,7 +72,7 @@ class JobCancelled(Exception):
 
 
 _JOB = """
-SELECT id, kind, state, owner, base_url, prefer_return, chunk_size, gen,
+SELECT id, kind, state, owner, base_url, prefer_return, chunk_size, gen, scopes,
        callback_url IS NOT NULL AS has_callback
 FROM job WHERE id = :id
 """
@@ -111,6 +112,12 @@ RETURNING state, gen
 """
 
 
+def _context(job: Any) -> Context:
+    """The engine context of a job's entries: they run with the scopes it was submitted with."""
+    return Context(base_url=job["base_url"], prefer_return=job["prefer_return"],
+                   owner=job["owner"], permissions=Permissions.of(job["scopes"]))
+
+
 def run_chunk(conn: Connection, job_id: str, gen: int, side: Side,
               chunk_id: int | None = None) -> list[Dispatch]:
     """Run the next chunk of a batch or upsert job, or ledger row `chunk_id`; return the
@@ -124,8 +131,7 @@ def run_chunk(conn: Connection, job_id: str, gen: int, side: Side,
     t0 = datetime.now(UTC)
     rows = conn.execute(text(_ENTRIES), {"id": job_id, "lo": claim.lo, "hi": claim.hi}).all()
     bind(chunk=claim.lo, entries=len(rows))  # the task's end clears the log context
-    ctx = Context(base_url=job["base_url"], prefer_return=job["prefer_return"],
-                  owner=job["owner"])
+    ctx = _context(job)
     try:
         results = _run_batch(conn, job["kind"], rows, ctx)
     except SoftTimeLimitExceeded:
@@ -180,8 +186,7 @@ def run_transaction_job(conn: Connection, job_id: str, side: Side,
     with side() as status:  # committed now, before the long transaction
         mark_running(status, job_id)
     t0 = datetime.now(UTC)
-    ctx = Context(base_url=job["base_url"], prefer_return=job["prefer_return"],
-                  owner=job["owner"])
+    ctx = _context(job)
     rows = conn.execute(
         text("SELECT idx, request::text FROM job_entry WHERE job_id = :id ORDER BY idx"),
         {"id": job_id},

@@ -360,6 +360,7 @@ def submit_slot_job(
         chunk_size=chunk_size,
         max_bytes=max(len(body), 1),
         inflight_chunks=inflight_chunks,
+        scopes=("system/*.*",),  # the server's own job
     )
     run.accepted = accept_job(conn, io.BytesIO(body), sub)
     run.job_id = run.accepted.job_id

@@ -115,6 +115,8 @@ job = Table(
     # long ago lost its worker: the reaper sends it again).
     Column("callback_attempts", Integer, nullable=False, server_default="0"),
     Column("callback_claimed_at", DateTime(timezone=True)),
+    # The submitter's SMART scopes: the worker runs the entries with exactly these.
+    Column("scopes", ARRAY(Text), nullable=False, server_default="{}"),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
