@@ -5,91 +5,15 @@ control characters in the path, query and headers."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import time
-from collections.abc import Iterator
-from pathlib import Path
-
 import orjson
 import pytest
 
-from runtime import procutil
-from runtime.processes import api_argv
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _exchange(port: int, raw: bytes, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
-    """Send `raw` as is; the status, headers and body of the answer (read until close)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(raw)
-        data = b""
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            data += chunk
-            head, sep, body = data.partition(b"\r\n\r\n")
-            if sep:
-                lines = head.decode("latin-1").split("\r\n")
-                headers = {
-                    k.strip().lower(): v.strip()
-                    for k, _, v in (line.partition(":") for line in lines[1:])
-                }
-                if len(body) >= int(headers.get("content-length", "-1")) >= 0:
-                    break
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
-    return int(lines[0].split()[1]), headers, body
-
-
-def _get(port: int, target: str, *headers: str) -> bytes:
-    lines = [f"GET {target} HTTP/1.1", "Host: 127.0.0.1", *headers, "Connection: close"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+from tests.http_helpers import exchange, get, gunicorn_api  # noqa: F401 - a fixture
 
 
 @pytest.fixture(scope="module")
-def server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    port = _free_port()
-    log = tmp_path_factory.mktemp("gunicorn") / "api.log"
-    env = {
-        **os.environ,
-        "FHIRQ_DATABASE_URL": db_url,
-        "FHIRQ_AUTH": "off",
-        "PYTHONPATH": str(ROOT),
-    }
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            api_argv("127.0.0.1", port, 1, 2), cwd=ROOT, env=env, stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if _exchange(port, _get(port, "/healthz"), timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
-        yield port
-    finally:
-        procutil.terminate_tree(proc.pid, timeout=10)
-        proc.wait()
+def server(gunicorn_api: int) -> int:  # noqa: F811 - the fixture imported above
+    return gunicorn_api
 
 
 def _outcome(answer: tuple[int, dict[str, str], bytes], status: int, code: str) -> dict:
@@ -104,7 +28,7 @@ def _outcome(answer: tuple[int, dict[str, str], bytes], status: int, code: str) 
 
 def test_uri_within_the_limit_is_served(server: int) -> None:
     target = "/fhir/Patient?family=" + "a" * 7000
-    got, _, body = _exchange(server, _get(server, target))
+    got, _, body = exchange(server, get(server, target))
     assert got == 200, body[:300]
 
 
@@ -113,19 +37,19 @@ def test_long_uris_are_414_outcomes(server: int, size: int) -> None:
     # 8100: the app's limit (8000); 8185: right at gunicorn's 8190-byte request line;
     # 20,000: gunicorn's own refusal.
     target = "/fhir/Patient?family=" + "a" * (size - 21)
-    _outcome(_exchange(server, _get(server, target)), 414, "too-long")
+    _outcome(exchange(server, get(server, target)), 414, "too-long")
 
 
 @pytest.mark.parametrize("size", [9000, 30_000])
 def test_large_header_fields_are_431_outcomes(server: int, size: int) -> None:
     # 9,000: the app's limit (8000); 30,000: beyond gunicorn's 16380-byte field limit.
-    answer = _exchange(server, _get(server, "/fhir/metadata", "X-Big: " + "b" * size))
+    answer = exchange(server, get(server, "/fhir/metadata", "X-Big: " + "b" * size))
     _outcome(answer, 431, "too-long")
 
 
 def test_too_many_header_fields_are_a_431_outcome(server: int) -> None:
     fields = [f"X-F{i}: {i}" for i in range(150)]  # gunicorn takes at most 100
-    _outcome(_exchange(server, _get(server, "/fhir/metadata", *fields)), 431, "too-long")
+    _outcome(exchange(server, get(server, "/fhir/metadata", *fields)), 431, "too-long")
 
 
 @pytest.mark.parametrize(
@@ -145,7 +69,7 @@ def test_too_many_header_fields_are_a_431_outcome(server: int) -> None:
          "http-version"],
 )
 def test_requests_gunicorn_cannot_parse_are_400_outcomes(server: int, raw: bytes) -> None:
-    got, headers, body = _exchange(server, raw)
+    got, headers, body = exchange(server, raw)
     assert 400 <= got < 500 or got == 505, body[:300]
     assert headers["content-type"].startswith("application/fhir+json"), headers
     assert orjson.loads(body)["resourceType"] == "OperationOutcome"
@@ -162,5 +86,5 @@ def test_requests_gunicorn_cannot_parse_are_400_outcomes(server: int, raw: bytes
     ],
 )
 def test_control_characters_in_the_request_target(server: int, target: str, where: str) -> None:
-    body = _outcome(_exchange(server, _get(server, target)), 400, "value")
+    body = _outcome(exchange(server, get(server, target)), 400, "value")
     assert body["issue"][0]["expression"] == [where]

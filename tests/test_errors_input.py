@@ -13,7 +13,7 @@ import pytest
 from core.errors import BadRequest
 from core.fhir.strings import check_json_text
 from tests.jobs_helpers import *  # noqa: F403 - fixtures
-from tests.jobs_helpers import scalar
+from tests.jobs_helpers import job_id_of, wait_job
 
 JSON_PATCH = "application/json-patch+json"
 
@@ -229,11 +229,16 @@ def test_limits_before_routing(client: Any) -> None:
     assert issue["expression"] == ["X-Big"]
 
 
-def test_nul_in_an_async_body_is_refused_at_submit(api: Any, clean_db: Any) -> None:
+def test_nul_in_an_async_body_fails_its_entry_only(api: Any, worker: Any) -> None:
     body = (b'{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":"POST",'
-            b'"url":"Patient"},"resource":{"resourceType":"Patient","gender":"\\u0000"}}]}')
+            b'"url":"Patient"},"resource":{"resourceType":"Patient","gender":"\\u0000"}},'
+            b'{"request":{"method":"POST","url":"Patient"},"resource":{"resourceType":"Patient"}}]}')
     r = api.post("/fhir", data=body, content_type="application/fhir+json",
                  headers={"Prefer": "respond-async"})
-    issue = _issue(r, 400)
-    assert issue["code"] == "value" and "U+0000" in issue["diagnostics"]
-    assert scalar(clean_db, "SELECT count(*) FROM job") == 0
+    job = wait_job(api, job_id_of(r), worker=worker)
+    assert (job["state"], job["counts"]["failed"]) == ("completed", 1)
+    first, second = api.get(f"/fhir/_async/{job['id']}").json["entry"]
+    issue = first["response"]["outcome"]["issue"][0]
+    assert first["response"]["status"].startswith("400") and "U+0000" in issue["diagnostics"]
+    assert issue["expression"] == ["Bundle.entry[0].resource.gender"]
+    assert second["response"]["status"].startswith("201")

@@ -318,13 +318,6 @@ def _body_error(exc: Exception) -> FhirError:
         return BadRequest("The body is nested too deeply", code="structure")
     if isinstance(orig, pg_errors.ProgramLimitExceeded):
         return TooLarge(f"The body is too large to be split: {message}")
-    if isinstance(orig, pg_errors.UntranslatableCharacter):
-        # JSON's \u0000: no FHIR text may hold it (nor PostgreSQL's), whichever entry it is in.
-        return BadRequest(
-            "The body contains the escape \\u0000 (U+0000); FHIR text may hold no control "
-            f"characters other than tab, carriage return and line feed ({message})",
-            code="value",
-        )
     if isinstance(orig, pg_errors.DataError):
         return BadRequest(f"The body is not valid JSON ({message})", code="structure")
     return exc if isinstance(exc, FhirError) else BadRequest(message, code="structure")
