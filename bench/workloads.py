@@ -109,8 +109,9 @@ class Bench:
                 cur.execute("SET lock_timeout = '10s'")
                 for attempt in range(5):
                     try:
+                        # CASCADE: the job tables that reference `job` (chunk ledger, …).
                         cur.execute("TRUNCATE resource, resource_history, resource_string, "
-                                    "job, job_entry, job_upload")
+                                    "job, job_entry, job_upload CASCADE")
                         break
                     except (pg_errors.DeadlockDetected, pg_errors.LockNotAvailable):
                         if attempt == 4:
