@@ -8,8 +8,6 @@ does not grow by the body's size."""
 from __future__ import annotations
 
 import io
-import os
-import signal
 import socket
 import subprocess
 import threading
@@ -18,12 +16,11 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
-import httpx
 import psutil
 import pytest
 
-from runtime.processes import api_argv
-from tests.jobs_helpers import ROOT, jobs_env, wait_for  # noqa: F401 - fixture
+from tests.api_process import ApiProcess, api_process
+from tests.jobs_helpers import jobs_env  # noqa: F401 - fixture
 
 LIMIT = 20_000
 SENT = 5_000_000
@@ -106,28 +103,9 @@ def test_a_body_at_the_limit_is_read(limited: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def api_server(jobs_env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:  # noqa: F811
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    env = {**os.environ, **jobs_env}
-    argv = api_argv("127.0.0.1", port, 1, 2, ["--no-control-socket"])
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1, trust_env=False).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(up, 30, "the API")
-        yield url, proc
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+def api_server(jobs_env: dict[str, str]) -> Iterator[ApiProcess]:  # noqa: F811
+    with api_process(jobs_env, 1, 2) as api:
+        yield api
 
 
 def _rss(proc: subprocess.Popen[bytes]) -> int:
@@ -136,10 +114,9 @@ def _rss(proc: subprocess.Popen[bytes]) -> int:
 
 
 def test_a_huge_chunked_ndjson_upsert_is_413_without_memory_growth(
-    api_server: tuple[str, subprocess.Popen[bytes]],
+    api_server: ApiProcess,
 ) -> None:
-    url, proc = api_server
-    port = int(url.rsplit(":", 1)[1])
+    proc, port = api_server.proc, api_server.port
     total = 200 * 1024 * 1024
     line = b'{"resourceType": "Patient", "id": "x"}\n' * 1000
     chunk = b"%x\r\n%s\r\n" % (len(line), line)

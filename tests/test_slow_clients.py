@@ -5,10 +5,7 @@ header timeout; ordinary, chunked and pipelined requests still work."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -16,42 +13,19 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from runtime.processes import api_argv
-from tests.jobs_helpers import ROOT, jobs_env, wait_for  # noqa: F401 - fixture
+from tests.api_process import api_process
+from tests.jobs_helpers import jobs_env  # noqa: F401 - fixture
 
 TRICKLERS = 64
 TRICKLE_EVERY = 2.0
 HEADER_TIMEOUT = 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def api_url(jobs_env: dict[str, str]) -> Iterator[str]:  # noqa: F811
-    port = _free_port()
-    env = {**os.environ, **jobs_env, "FHIRQ_HTTP_HEADER_TIMEOUT": str(HEADER_TIMEOUT)}
     # The defaults of `fhirq up`: 2 processes × 4 threads.
-    argv = api_argv("127.0.0.1", port, 2, 4, ["--no-control-socket"])
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1, trust_env=False).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(up, 30, "the API")
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+    with api_process({**jobs_env, "FHIRQ_HTTP_HEADER_TIMEOUT": str(HEADER_TIMEOUT)}, 2, 4) as api:
+        yield api.url
 
 
 class Tricklers:
