@@ -1,5 +1,5 @@
 """The product's API as a real process for tests: gunicorn with the command line `fhirq up` and
-`fhirq api` run (cli.processes.api_argv), on a free loopback port."""
+`fhirq api` run (runtime.processes.api_argv), on a free loopback port."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
-from cli.processes import api_argv
 
+from runtime.processes import api_argv
 from tests.jobs_helpers import ROOT, wait_for
 
 __all__ = ["ApiProcess", "api_process"]

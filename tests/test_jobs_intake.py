@@ -231,3 +231,4 @@ def test_postgresql_memory_does_not_grow_with_the_body(clean_db: Engine) -> None
     assert accepted.total == n
     growth = peak[0] - start_uss
     assert growth < len(body) // 2, f"the backend grew by {growth >> 20} MiB"
+
