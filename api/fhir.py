@@ -14,8 +14,7 @@ from typing import Any, TypeVar
 
 import orjson
 from flask import Blueprint, Response, request
-from psycopg2 import errors as pg_errors
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Connection
 
 from api.auth import caller_may
 from api.http import (
@@ -39,6 +38,7 @@ from core.fhir.outcome import from_error
 from core.fhir.strings import check_json_text
 from core.fhir.validation import known_resource_type
 from core.store.db import get_engine
+from core.store.retry import in_transaction
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +49,9 @@ ASYNC_HINT = " Send it with the header 'Prefer: respond-async' to run it as a jo
 NDJSON = "application/fhir+ndjson"
 
 
-def _in_transaction(work: Callable[[Any], T], attempts: int = 3) -> T:
+def _in_transaction(work: Callable[[Connection], T]) -> T:
     """Run `work(conn)` in one DB transaction, retrying deadlocks and serialization failures."""
-    for attempt in range(attempts):
-        try:
-            with get_engine().begin() as conn:
-                return work(conn)
-        except OperationalError as exc:
-            retryable = isinstance(
-                exc.orig, pg_errors.DeadlockDetected | pg_errors.SerializationFailure
-            )
-            if not retryable or attempt == attempts - 1:
-                raise
-            log.warning("retrying after %s", type(exc.orig).__name__)
-    raise AssertionError("unreachable")
+    return in_transaction(get_engine(), work, what="request")
 
 
 def _async_requested() -> bool:

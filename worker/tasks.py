@@ -8,11 +8,13 @@ after that commit, so no message can name uncommitted state.
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 import psycopg2
+from billiard import pool as billiard_pool
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import task_postrun, task_prerun
@@ -25,6 +27,7 @@ from core.config import get_settings
 from core.jobs import (
     Dispatch,
     JobCancelled,
+    TimeLimitExceeded,
     claim_callback,
     finish_callback,
     get_job,
@@ -66,7 +69,7 @@ class JobTask(Task):
             log.info("%s%r: job cancelled while running; its work was rolled back",
                      self.name, args)
             return
-        except SoftTimeLimitExceeded:
+        except TimeLimitExceeded:
             log.warning("%s%r: time limit reached; the chunk was rolled back", self.name, args)
             _recover(args[0])
             return
@@ -196,6 +199,26 @@ def callback(self: Task, job_id: str) -> None:
 _TASKS = {"chunk": chunk, "transaction": transaction, "callback": callback}
 # Tasks whose first argument is a job id.
 _JOB_TASKS = frozenset(t.name for t in _TASKS.values())
+
+
+class SoftTimeLimit(SoftTimeLimitExceeded, TimeLimitExceeded):
+    """Celery's soft time limit as `core` knows it: code in `core` catches `TimeLimitExceeded`,
+    Celery's own handling sees its `SoftTimeLimitExceeded`."""
+
+
+def _raise_soft_time_limit(signum: int, frame: Any) -> None:
+    raise SoftTimeLimit()
+
+
+@task_prerun.connect
+def translate_time_limits(**_: Any) -> None:
+    """In a pool process, make the soft time limit raise `SoftTimeLimit`. The pool installs
+    its own handler of the signal after `worker_process_init`, so this runs as a task starts;
+    elsewhere (the worker's main process, a solo pool) the signal means something else and
+    keeps its handler."""
+    sig = billiard_pool.SIG_SOFT_TIMEOUT
+    if sig is not None and signal.getsignal(sig) is billiard_pool.soft_timeout_sighandler:
+        signal.signal(sig, _raise_soft_time_limit)
 
 
 @task_prerun.connect

@@ -18,7 +18,7 @@ from core.jobs.control import (
     retry_failed,
 )
 from core.jobs.intake import Accepted, Submission, accept_job
-from core.jobs.model import ACTIVE, TERMINAL, Dispatch, JobKind, JobState
+from core.jobs.model import ACTIVE, TERMINAL, Dispatch, JobKind, JobState, TimeLimitExceeded
 from core.jobs.runner import JobCancelled, mark_running, run_chunk, run_transaction_job
 from core.jobs.views import (
     get_job,
@@ -38,6 +38,7 @@ __all__ = [
     "JobKind",
     "JobState",
     "Submission",
+    "TimeLimitExceeded",
     "accept_job",
     "cancel_job",
     "claim_callback",

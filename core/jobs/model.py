@@ -1,11 +1,12 @@
-"""Plain data of the job machinery: states, kinds, and the follow-up work (`Dispatch`) that
-`core.jobs` functions return for the edge to enqueue once their transaction has committed."""
+"""Plain data of the job machinery: states, kinds, the follow-up work (`Dispatch`) that
+`core.jobs` functions return for the edge to enqueue once their transaction has committed, and
+the interruption (`TimeLimitExceeded`) by which the edge ends work that ran too long."""
 
 from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
-__all__ = ["ACTIVE", "TERMINAL", "Dispatch", "JobKind", "JobState"]
+__all__ = ["ACTIVE", "TERMINAL", "Dispatch", "JobKind", "JobState", "TimeLimitExceeded"]
 
 JobKind = Literal["batch", "transaction", "upsert"]
 JobState = Literal["accepted", "running", "completed", "failed", "cancelled"]
@@ -26,3 +27,9 @@ class Dispatch(NamedTuple):
     gen: int = 0
     chunk: int | None = None
     time_limit: int | None = None
+
+
+class TimeLimitExceeded(Exception):
+    """Raised into running work when its (soft) time limit is reached: the work rolls back and
+    reports why. Whatever enforces the limits raises it: the worker translates its task
+    queue's own signal (worker.tasks), so that `core` never depends on the task queue."""

@@ -24,11 +24,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import orjson
-from celery.exceptions import SoftTimeLimitExceeded
-from psycopg2 import errors as pg_errors
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
@@ -40,8 +39,9 @@ from core.fhir.model import Context, EntryResult
 from core.fhir.outcome import from_error, internal_error
 from core.jobs import chunks, faults
 from core.jobs.chunks import Side, mark_failure
-from core.jobs.model import ACTIVE, Dispatch
+from core.jobs.model import ACTIVE, Dispatch, TimeLimitExceeded
 from core.logging import bind
+from core.store.retry import in_savepoint
 
 __all__ = [
     "JobCancelled",
@@ -53,10 +53,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
-ATTEMPTS = 3
-
 
 def out_of_memory(index: int) -> FhirError:
     """What an entry gets that needs more memory than its worker process may have."""
@@ -134,7 +130,7 @@ def run_chunk(conn: Connection, job_id: str, gen: int, side: Side,
     ctx = _context(job)
     try:
         results = _run_batch(conn, job["kind"], rows, ctx)
-    except SoftTimeLimitExceeded:
+    except TimeLimitExceeded:
         mark_failure(side, claim.id, "time limit")
         raise
     except MemoryError:
@@ -192,40 +188,32 @@ def run_transaction_job(conn: Connection, job_id: str, side: Side,
         {"id": job_id},
     ).all()
     chunks.finish(conn, claim.id)
-    for attempt in range(ATTEMPTS):
-        try:
-            with conn.begin_nested():
-                entries = [(idx, _decode(idx, raw)) for idx, raw in rows]
-                results = execute_transaction(conn, entries, ctx)
-                write_results(conn, job_id, results, "transaction", job["prefer_return"])
-                row = count_results(conn, job_id, len(results), len(results), t0)
-                if row is None:
-                    raise JobCancelled(job_id)
-            break
-        except FhirError as err:
-            fail_transaction(conn, job_id, err, t0)
-            break
-        except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise  # the database went away: the task retries the whole run
-            if isinstance(exc.orig, RETRYABLE) and attempt < ATTEMPTS - 1:
-                log.warning("job %s: retrying transaction after %s", job_id,
-                            type(exc.orig).__name__)
-                continue
-            log.exception("job %s: transaction failed in the database", job_id)
-            fail_transaction(conn, job_id, None, t0)
-            break
-        except JobCancelled:
-            raise
-        except SoftTimeLimitExceeded:
-            fail_transaction(conn, job_id, TooLarge(
-                "The transaction ran past its time limit (FHIRQ_TRANSACTION_TIME_LIMIT); "
-                "nothing was written. Split it, or send it as a batch."), t0)
-            break
-        except Exception:
-            log.exception("job %s: transaction failed unexpectedly", job_id)
-            fail_transaction(conn, job_id, None, t0)
-            break
+
+    def attempt() -> None:
+        entries = [(idx, _decode(idx, raw)) for idx, raw in rows]
+        results = execute_transaction(conn, entries, ctx)
+        write_results(conn, job_id, results, "transaction", job["prefer_return"])
+        if count_results(conn, job_id, len(results), len(results), t0) is None:
+            raise JobCancelled(job_id)
+
+    try:
+        in_savepoint(conn, attempt, what=f"job {job_id}: transaction")
+    except FhirError as err:
+        fail_transaction(conn, job_id, err, t0)
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise  # the database went away: the task retries the whole run
+        log.exception("job %s: transaction failed in the database", job_id)
+        fail_transaction(conn, job_id, None, t0)
+    except JobCancelled:
+        raise
+    except TimeLimitExceeded:
+        fail_transaction(conn, job_id, TooLarge(
+            "The transaction ran past its time limit (FHIRQ_TRANSACTION_TIME_LIMIT); "
+            "nothing was written. Split it, or send it as a batch."), t0)
+    except Exception:
+        log.exception("job %s: transaction failed unexpectedly", job_id)
+        fail_transaction(conn, job_id, None, t0)
     return [Dispatch("callback", job_id)] if job["has_callback"] else []
 
 
@@ -324,39 +312,30 @@ def _execute(conn: Connection, entries: list[tuple[int, dict[str, Any]]], ctx: C
     """`execute_batch` in a savepoint, retried on deadlock; if it breaks on something else,
     each entry runs alone so that only the culprit gets a 500. A lost database connection is
     no entry's fault: it ends the chunk (one log line, by the task), which runs again."""
-    for attempt in range(ATTEMPTS):
-        try:
-            with conn.begin_nested():
-                return _execute_batch(conn, entries, ctx)
-        except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise
-            if not isinstance(exc.orig, RETRYABLE):
-                log.exception("chunk failed in the database; isolating its entries")
-                break
-            log.warning("retrying chunk after %s (attempt %d)", type(exc.orig).__name__,
-                        attempt + 1)
-        except SoftTimeLimitExceeded:
-            raise  # the whole chunk rolls back; the ledger splits it (core.jobs.control)
-        except Exception:
-            log.exception("chunk failed unexpectedly; isolating its entries")
-            break
+    try:
+        return in_savepoint(conn, lambda: _execute_batch(conn, entries, ctx), what="chunk")
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise
+        log.exception("chunk failed in the database; isolating its entries")
+    except TimeLimitExceeded:
+        raise  # the whole chunk rolls back; the ledger splits it (core.jobs.control)
+    except Exception:
+        log.exception("chunk failed unexpectedly; isolating its entries")
     out: list[EntryResult] = []
     failed: list[int] = []
     for index, entry in entries:
         try:
-            with conn.begin_nested():
-                out.extend(_execute_batch(conn, [(index, entry)], ctx))
-        except SoftTimeLimitExceeded:
+            out.extend(in_savepoint(conn, partial(_execute_batch, conn, [(index, entry)], ctx),
+                                    what="entry"))
+        except TimeLimitExceeded:
             raise
-        except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise
-            failed.append(index)
         except MemoryError:
             failed.append(index)
             out.append(EntryResult(index, 500, outcome=from_error(out_of_memory(index))))
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+                raise
             failed.append(index)
             out.append(EntryResult(index, 500, outcome=internal_error(
                 "This entry failed on an internal error; nothing of it was written."
