@@ -93,8 +93,8 @@ class Settings:
     # lost its tasks, however busy the queue is...
     stall_seconds: float = field(default_factory=lambda: _float("FHIRQ_JOB_STALL_SECONDS", 120))
     # ...and after only this long when the queue is empty (no message can be waiting for it).
-    orphan_seconds: float = field(default_factory=lambda: _float("FHIRQ_JOB_ORPHAN_SECONDS", 5))
-    reaper_interval: float = field(default_factory=lambda: _float("FHIRQ_REAPER_INTERVAL", 5))
+    orphan_seconds: float = field(default_factory=lambda: _float("FHIRQ_JOB_ORPHAN_SECONDS", 3))
+    reaper_interval: float = field(default_factory=lambda: _float("FHIRQ_REAPER_INTERVAL", 3))
     queue: str = field(default_factory=lambda: os.environ.get("FHIRQ_QUEUE", "fhirq"))
     # Redis re-delivers an unacked message after this; every task limit stays below it.
     visibility_timeout: int = field(

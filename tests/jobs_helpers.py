@@ -6,6 +6,7 @@ Use with `from tests.jobs_helpers import *` (fixtures must be importable by name
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -29,6 +30,7 @@ __all__ = [
     "QUEUE",
     "WorkerProcess",
     "api",
+    "lone_worker",
     "jobs_env",
     "session_worker",
     "worker",
@@ -36,6 +38,7 @@ __all__ = [
     "wait_for",
     "wait_job",
     "scalar",
+    "assert_exactly_once",
     "patients_batch",
     "quiesce",
 ]
@@ -146,6 +149,24 @@ class WorkerProcess:
             return ""
 
 
+@contextlib.contextmanager
+def lone_worker(jobs_env: dict[str, str], env: dict[str, str], name: str, **kwargs: Any
+                ) -> Iterator[WorkerProcess]:
+    """A worker configured otherwise (`env`), alone: the session's other workers are stopped
+    (the `worker` fixture restarts its own), and it has a queue of its own, which this process
+    sends job tasks to meanwhile."""
+    WorkerProcess.stop_all()
+    queue = f"{QUEUE}-{name}"
+    os.environ["FHIRQ_QUEUE"] = queue
+    w = WorkerProcess({**jobs_env, **env, "FHIRQ_QUEUE": queue}, **kwargs).start()
+    try:
+        yield w
+    finally:
+        w.stop()
+        os.environ["FHIRQ_QUEUE"] = QUEUE
+        redis.Redis.from_url(redis_client_url(REDIS_URL)).delete(queue)
+
+
 @pytest.fixture(scope="session")
 def session_worker(jobs_env: dict[str, str]) -> Iterator[WorkerProcess]:
     w = WorkerProcess(jobs_env).start()
@@ -244,6 +265,19 @@ def wait_job(client: Any, job_id: str, states: tuple[str, ...] = ("completed", "
 def scalar(engine: Engine, sql: str, **params: Any) -> Any:
     with engine.connect() as c:
         return c.execute(text(sql), params).scalar_one()
+
+
+def assert_exactly_once(engine: Engine, job_id: str, n: int) -> None:
+    """Exactly once: `n` Patients created by the job's entries, one version and one 201 result
+    each, and nothing of the job left pending."""
+    assert scalar(engine, "SELECT count(*) FROM resource WHERE res_type = 'Patient'") == n
+    assert scalar(engine, "SELECT count(*) FROM resource_history") == n
+    assert scalar(engine, "SELECT count(DISTINCT tokens) FROM resource") == n
+    assert scalar(engine, "SELECT count(*) FROM job_entry WHERE job_id = :id AND status = 201",
+                  id=job_id) == n
+    assert scalar(engine, "SELECT count(*) FROM job_entry WHERE job_id = :id "
+                          "AND status IS NULL", id=job_id) == 0
+    assert scalar(engine, "SELECT count(*) FROM job_chunk WHERE job_id = :id", id=job_id) == 0
 
 
 def patients_batch(n: int, tag: str = "t", *, bad: tuple[int, ...] = ()) -> dict[str, Any]:

@@ -8,24 +8,20 @@ worker processes only.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 from sqlalchemy import Engine
 
-from tests.conftest import REDIS_URL
-from tests.embedded_services import redis_client_url
 from tests.jobs_helpers import *  # noqa: F403 - fixtures
 from tests.jobs_helpers import (
-    QUEUE,
     WorkerProcess,
+    assert_exactly_once,
     job_id_of,
+    lone_worker,
     patients_batch,
-    scalar,
     submit,
     wait_job,
 )
@@ -40,16 +36,9 @@ POISON_ENV = {
 
 @pytest.fixture(scope="module")
 def poison_worker(jobs_env: dict[str, str]) -> Iterator[WorkerProcess]:
-    """A worker whose processes honour the poison markers, alone: other workers of the session
-    are stopped (the `worker` fixture restarts its own), and it has a queue of its own."""
-    WorkerProcess.stop_all()
-    queue = f"{QUEUE}-poison"
-    os.environ["FHIRQ_QUEUE"] = queue  # where this process (the API) sends job tasks
-    w = WorkerProcess({**jobs_env, **POISON_ENV, "FHIRQ_QUEUE": queue}).start()
-    yield w
-    w.stop()
-    os.environ["FHIRQ_QUEUE"] = QUEUE
-    redis.Redis.from_url(redis_client_url(REDIS_URL)).delete(queue)
+    """A worker whose processes honour the poison markers."""
+    with lone_worker(jobs_env, POISON_ENV, "poison") as w:
+        yield w
 
 
 @pytest.fixture
@@ -64,18 +53,6 @@ def poisoned(n: int, tag: str, poison: dict[int, str]) -> dict[str, Any]:
     for i, kind in poison.items():
         body["entry"][i]["resource"]["name"][0]["family"] = f"fhirq-test-poison:{kind}"
     return body
-
-
-def assert_exactly_once(engine: Engine, job_id: str, innocent: int) -> None:
-    """Each innocent entry made one resource with one version and has one 201 result."""
-    assert scalar(engine, "SELECT count(*) FROM resource WHERE res_type = 'Patient'") == innocent
-    assert scalar(engine, "SELECT count(*) FROM resource_history") == innocent
-    assert scalar(engine, "SELECT count(DISTINCT tokens) FROM resource") == innocent
-    assert scalar(engine, "SELECT count(*) FROM job_entry WHERE job_id = :id AND status = 201",
-                  id=job_id) == innocent
-    assert scalar(engine, "SELECT count(*) FROM job_entry WHERE job_id = :id "
-                          "AND status IS NULL", id=job_id) == 0
-    assert scalar(engine, "SELECT count(*) FROM job_chunk WHERE job_id = :id", id=job_id) == 0
 
 
 def failures(api: Any, job_id: str) -> dict[int, dict[str, Any]]:

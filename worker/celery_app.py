@@ -106,7 +106,7 @@ def _child(**_: Any) -> None:
 def _reap_on_start(sender: Any, **_: Any) -> None:
     """A worker that starts (after a crash, a deploy, a broker restart) heals jobs at once
     instead of at the reaper's next round."""
-    sender.app.send_task("fhirq.reap")
+    sender.app.send_task("fhirq.reap", kwargs={"starting": True}, queue=jobs.queue)
 
 
 

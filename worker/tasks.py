@@ -145,11 +145,14 @@ def transaction(conn: Connection, job_id: str, gen: int = 0, chunk_id: int | Non
 
 
 @celery.task(base=JobTask, name="fhirq.reap")
-def reaper(conn: Connection) -> list[Dispatch]:
+def reaper(conn: Connection, starting: bool = False) -> list[Dispatch]:
+    """`starting`: sent by a worker as it starts (after a crash, a deploy, a broker restart),
+    when a job with nothing running and nothing queued needs no further wait."""
     cfg = get_settings()
     lost_after = delivery_time_limit(cfg.callback_timeout) + cfg.stall_seconds
+    orphan = 0 if starting else cfg.orphan_seconds
     return reap(conn, cfg.stall_seconds, cfg.inflight_chunks,
-                orphan_seconds=cfg.orphan_seconds, queue_empty=queue_empty()
+                orphan_seconds=orphan, queue_empty=queue_empty()
                 ) + reap_callbacks(conn, cfg.stall_seconds, lost_after, cfg.callback_attempts)
 
 

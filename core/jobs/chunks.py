@@ -25,6 +25,7 @@ from sqlalchemy import Connection, text
 from core.config import get_settings
 
 __all__ = [
+    "DATABASE_LOST",
     "LOCK_CLASS",
     "Claim",
     "Side",
@@ -40,6 +41,9 @@ __all__ = [
 
 # A transaction of its own that commits when the block ends (the edge provides it).
 Side = Callable[[], AbstractContextManager[Connection]]
+
+# `failure` of a run whose database connection was lost: no fault of its entries.
+DATABASE_LOST = "database connection lost"
 
 # Advisory locks of chunk runs use the two-key form (LOCK_CLASS, chunk id).
 LOCK_CLASS = 0x6671

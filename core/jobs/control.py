@@ -250,7 +250,8 @@ def recover_chunks(conn: Connection, inflight: int, job_id: str | None = None
     entries is split into pieces, each with a time limit in proportion to its size; a single
     entry runs alone once more, and gets a 500 result saying why when it dies alone twice; a
     transaction that died twice fails. A run cut off by a PostgreSQL restart is not counted
-    and runs again as it was. Logs one line per failed chunk."""
+    and runs again as it was, and so does one that lost its database connection. Logs one line
+    per failed chunk."""
     rows = conn.execute(text(_ABANDONED), {"job": job_id}).all()
     out: list[Dispatch] = []
     jobs: set[str] = set()
@@ -270,8 +271,8 @@ def recover_chunks(conn: Connection, inflight: int, job_id: str | None = None
         where = f"job {c.job_id}: chunk of {len(pending)} entries ({c.lo}..{c.hi})"
         if not pending:
             chunks.finish(conn, c.id)
-        elif c.restarted:
-            log.warning("%s was cut off by a database restart; running it again", where)
+        elif c.restarted or c.failure == chunks.DATABASE_LOST:
+            log.warning("%s lost its database connection; running it again", where)
             out.append(_requeue(conn, c, task, c.time_limit, None, uncount=True))
         elif c.attempts >= 2 and (len(pending) == 1 or c.kind == "transaction"):
             log.error("%s failed alone twice (%s): it gets a 500 result", where, reason)

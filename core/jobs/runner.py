@@ -21,6 +21,7 @@ are no stored version (search Bundles, reads without a location) are kept in `jo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -130,16 +131,20 @@ def run_chunk(conn: Connection, job_id: str, gen: int, side: Side,
     ctx = _context(job)
     try:
         results = _run_batch(conn, job["kind"], rows, ctx)
+        write_results(conn, job_id, results, job["kind"], job["prefer_return"])
+        chunks.finish(conn, claim.id)
+        ok = sum(1 for r in results if r.ok)
+        row = count_results(conn, job_id, len(results), ok, t0)
     except TimeLimitExceeded:
         mark_failure(side, claim.id, "time limit")
         raise
     except MemoryError:
         mark_failure(side, claim.id, "memory")
         raise
-    write_results(conn, job_id, results, job["kind"], job["prefer_return"])
-    chunks.finish(conn, claim.id)
-    ok = sum(1 for r in results if r.ok)
-    row = count_results(conn, job_id, len(results), ok, t0)
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            _not_the_entries(side, claim.id)
+        raise
     if row is None:
         raise JobCancelled(job_id)
     if row.state == "completed":
@@ -147,6 +152,13 @@ def run_chunk(conn: Connection, job_id: str, gen: int, side: Side,
     if chunk_id is None and len(rows) == job["chunk_size"] and gen == row.gen:
         return [Dispatch("chunk", job_id, gen)]
     return []
+
+
+def _not_the_entries(side: Side, chunk_id: int) -> None:
+    """The connection was lost, not the entries' fault: say so, if the database is back
+    already, so that the chunk runs again as it was (when it is not, a restart shows anyway)."""
+    with contextlib.suppress(DBAPIError):
+        mark_failure(side, chunk_id, chunks.DATABASE_LOST)
 
 
 def count_results(conn: Connection, job_id: str, n: int, ok: int, t0: datetime) -> Any:
