@@ -10,7 +10,9 @@ bodies, batch upserts (array and NDJSON), raw bodies, search URLs, instance path
 each with a few hostile headers. A set of canary resources (several versions, a deletion, a
 reference) is compared in SQL (content, versions, history) before and after each request; a
 refused one must leave it as it was. The async run submits a sample of the same bundles as jobs
-to a real Celery worker and polls each to its end.
+to a real Celery worker and polls each to its end. The HTTP run sends raw bytes to a real
+gunicorn (odd methods, request targets, versions, header names and values, chunked and sized
+bodies), which no HTTP library would send.
 
 Reproducible: FHIRQ_HOSTILE_SEED picks the seed (printed in the summary line and in every
 failure), e.g. `FHIRQ_HOSTILE_SEED=7 python -m pytest -q tests/test_hostile.py`.
@@ -27,7 +29,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -37,12 +39,14 @@ from hypothesis import HealthCheck, Phase, given, note, seed, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, text
 
+from tests.http_helpers import exchange, gunicorn_api  # noqa: F401 - a fixture
 from tests.jobs_helpers import *  # noqa: F403 - fixtures
 from tests.jobs_helpers import wait_job
 
 SEED = int(os.environ.get("FHIRQ_HOSTILE_SEED", "20261201"))
 EXAMPLES = int(os.environ.get("FHIRQ_HOSTILE_EXAMPLES", "1100"))
 ASYNC_JOBS = int(os.environ.get("FHIRQ_HOSTILE_JOBS", "8"))
+HTTP_EXAMPLES = int(os.environ.get("FHIRQ_HOSTILE_HTTP_EXAMPLES", "200"))
 # A request that takes longer than this is a hang (the app runs in this process: generous).
 REQUEST_SECONDS = float(os.environ.get("FHIRQ_HOSTILE_TIMEOUT", "20"))
 
@@ -498,6 +502,8 @@ def canaries(engine: Engine) -> tuple[Any, ...]:
 
 
 def store_canaries(client: Any) -> None:
+    """Patients with two versions each, one of them then deleted, and an Observation pointing
+    at one (run again, each gets new versions)."""
     for rid in ("canary-1", "canary-2", "canary-3", "canary-4", "canary-del"):
         for family in ("Canary", "Canary2"):
             doc = patient(rid)
@@ -506,7 +512,7 @@ def store_canaries(client: Any) -> None:
             assert r.status_code in (200, 201), r.get_json()
     assert client.delete("/fhir/Patient/canary-del").status_code == 204
     obs = {**observation(), "id": "canary-obs"}
-    assert client.put("/fhir/Observation/canary-obs", json=obs).status_code == 201
+    assert client.put("/fhir/Observation/canary-obs", json=obs).status_code in (200, 201)
 
 
 class Tally(Counter[str]):
@@ -517,23 +523,27 @@ class Tally(Counter[str]):
                 f"canary_changes={self['canary_changes']}")
 
 
-def check_one(client: Any, engine: Engine, req: Req, tally: Tally) -> None:
+def check_one(
+    engine: Engine, tally: Tally, what: object, answer: Callable[[], tuple[str, bool] | None]
+) -> None:
+    """Count and check one request: `answer` sends it and judges the answer (None: no answer
+    in time); a refused request must leave the canaries as they were."""
     note(f"FHIRQ_HOSTILE_SEED={SEED}")
     before = canaries(engine)
-    response, elapsed = send(client, req)
     tally["requests"] += 1
-    if response is None:
-        tally["hangs"] += 1
-        raise AssertionError(f"no answer within {REQUEST_SECONDS}s (seed {SEED}): {req!r}")
     try:
-        kind, refused = judge(req, response)
+        verdict = answer()
     except AssertionError:
         tally["5xx"] += 1
         raise
+    if verdict is None:
+        tally["hangs"] += 1
+        raise AssertionError(f"no answer within {REQUEST_SECONDS}s (seed {SEED}): {what!r}")
+    kind, refused = verdict
     tally[kind] += 1
     if refused and canaries(engine) != before:
         tally["canary_changes"] += 1
-        raise AssertionError(f"a refused request changed the canaries (seed {SEED}): {req!r}")
+        raise AssertionError(f"a refused request changed the canaries (seed {SEED}): {what!r}")
 
 
 def _report(capsys: pytest.CaptureFixture[str], line: str) -> None:
@@ -580,7 +590,11 @@ def test_sync_hostile_requests(
     @settings(max_examples=EXAMPLES, **HYPOTHESIS)
     @given(req=all_requests)
     def run(req: Req) -> None:
-        check_one(client, engine, req, tally)
+        def answer() -> tuple[str, bool] | None:
+            response, _ = send(client, req)
+            return None if response is None else judge(req, response)
+
+        check_one(engine, tally, req, answer)
 
     try:
         run()
@@ -628,3 +642,84 @@ def test_async_hostile_jobs(
     finally:
         _report(capsys, tally.line("async") + f" jobs={tally['jobs']}")
     assert tally["jobs"] >= 1, tally.line("async")
+
+
+# --------------------------------------------------------------------------- raw HTTP
+
+RAW_METHODS = [b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD", b"OPTIONS", b"TRACE",
+               b"get", b"G\x00T", b"GET\x7f", b"", b"X" * 40]
+RAW_TARGETS = [b"/fhir/Patient", b"/fhir/Patient/canary-1", b"/fhir", b"/fhir/metadata",
+               b"/jobs", b"/healthz", b"*", b"http://x/fhir/Patient", b"//", b"/fhir/Patient?",
+               b"/fhir/Patient/canary-1/_history/1", b"/%", b"/fhir/%00", b"/fhir/\xff\xfe"]
+RAW_VERSIONS = [b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.x", b"FOO", b""]
+RAW_HEADER_NAMES = [b"Host", b"Content-Type", b"Prefer", b"If-Match", b"If-None-Exist",
+                    b"Accept", b"Authorization", b"X-A", b"Bad Name", b"X:Y", b"\x00", b""]
+no_crlf = st.binary(max_size=24).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+
+
+@st.composite
+def raw_requests(draw: Any) -> bytes:
+    odd = draw(st.integers(0, 3)) == 0  # most request lines are well formed, the rest not
+    method = draw(st.sampled_from(RAW_METHODS if odd else RAW_METHODS[:6]))
+    target = draw(st.sampled_from(RAW_TARGETS)) + (draw(no_crlf) if odd else b"")
+    version = draw(st.sampled_from(RAW_VERSIONS)) if odd else b"HTTP/1.1"
+    lines = [b" ".join(p for p in (method, target, version) if p or draw(st.booleans()))]
+    if draw(st.integers(0, 4)):
+        lines.append(b"Host: 127.0.0.1")
+    for _ in range(draw(st.integers(0, 3))):
+        if draw(st.booleans()):
+            name = draw(st.one_of(st.sampled_from(RAW_HEADER_NAMES), no_crlf))
+            line = name + draw(st.sampled_from([b": ", b":", b" : ", b""])) + draw(no_crlf)
+            lines.append(line or b"X")  # an empty line would end the head: a second request
+        else:  # a well-formed field with an odd value
+            lines.append(draw(st.sampled_from(RAW_HEADER_NAMES[1:7])) + b": " + draw(no_crlf))
+    resource = mutated(patient("canary-1")).map(lambda d: json.dumps(d).encode())
+    body = draw(st.one_of(st.just(b""), st.binary(max_size=40), st.sampled_from(RAW_BODIES),
+                          resource))
+    # The framing is ours and always complete, so that a server waiting for more is a hang.
+    if body and draw(st.booleans()):
+        lines.append(b"Transfer-Encoding: chunked")
+        body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    elif body or draw(st.booleans()):
+        lines.append(b"Content-Length: %d" % len(body))
+    lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def judge_raw(raw: bytes, status: int, headers: dict[str, str], body: bytes) -> tuple[str, bool]:
+    where = f"for {raw[:300]!r}: {status} {body[:300]!r}"
+    if status >= 400 and body:
+        assert headers.get("content-type", "").startswith("application/fhir+json"), where
+        outcome = json.loads(body)
+        assert outcome.get("resourceType") == "OperationOutcome", where
+        if status == 501 and outcome["issue"][0]["code"] == "not-supported":
+            return "501", True
+    assert status < 500, where
+    return ("4xx", True) if status >= 400 else ("2xx", False)
+
+
+def test_http_hostile_requests(
+    gunicorn_api: int,  # noqa: F811 - the fixture imported above
+    hostile_app: Any, engine: Engine, capsys: pytest.CaptureFixture[str],
+) -> None:
+    store_canaries(hostile_app.test_client())
+    tally = Tally()
+
+    @seed(SEED)
+    @settings(max_examples=HTTP_EXAMPLES, **HYPOTHESIS)
+    @given(raw=raw_requests())
+    def run(raw: bytes) -> None:
+        def answer() -> tuple[str, bool] | None:
+            try:
+                status, headers, body = exchange(gunicorn_api, raw, timeout=REQUEST_SECONDS)
+            except (TimeoutError, IndexError, ValueError):
+                return None  # no (parsable) answer in time
+            return judge_raw(raw, status, headers, body)
+
+        check_one(engine, tally, raw[:300], answer)
+
+    try:
+        run()
+    finally:
+        _report(capsys, tally.line("http"))
+    assert tally["4xx"] and tally["2xx"], tally.line("http")
