@@ -1,5 +1,5 @@
 # The few verbs a newcomer needs. Run them inside the project's virtualenv (README, Quickstart).
-.PHONY: install run test lint bench smoke ci
+.PHONY: install run test test-faults lint bench smoke ci
 
 install:  ## the project, editable, with the test tools
 	pip install -e ".[test]"
@@ -9,6 +9,9 @@ run:  ## everything on the embedded default: http://127.0.0.1:8080/fhir
 
 test:  ## the test suite (FHIRQ_TEST_DATABASE_URL / FHIRQ_TEST_REDIS_URL, else embedded)
 	pytest
+
+test-faults:  ## the fault suite, slow cases included, and its table (README, Faults)
+	python -m pytest -m faults -p no:cacheprovider tests/test_faults.py
 
 lint:
 	ruff check .
