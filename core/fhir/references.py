@@ -64,6 +64,8 @@ class ReferenceScan:
 
 
 def scan_references(resource: dict[str, Any], *, expression: str = "") -> ReferenceScan:
+    """The links of `resource`, found along its type's link tree (`expression`: where the
+    resource sits, for the error of a resource too deep to walk)."""
     refs: list[str] = []
     links: list[str] = []
     try:
