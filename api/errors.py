@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 
 import orjson
+import psycopg2
 from flask import Flask, Response
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from core.errors import BadRequest, FhirError, for_status
+from core.errors import BadRequest, FhirError, Unavailable, for_status
 from core.fhir.outcome import from_error, internal_error
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,19 @@ def _body_framing_errors() -> tuple[type[Exception], ...]:
         return ()
     return (errors.InvalidChunkSize, errors.ChunkMissingTerminator,
             errors.InvalidChunkExtension, errors.NoMoreData)
+
+
+# SQLSTATE classes of a database that is briefly unable to serve, whatever the request:
+# connection exception, insufficient resources (too many connections), operator intervention
+# (shutting down, starting up), transaction rollback (deadlock, serialization) left after retries.
+_TRANSIENT_SQLSTATES = ("08", "53", "57P", "40")
+
+
+def _transient(err: Exception) -> bool:
+    orig = getattr(err, "orig", err)
+    code = getattr(orig, "pgcode", None)
+    # No SQLSTATE: the connection itself failed (refused, too many clients, server gone).
+    return code is None or code.startswith(_TRANSIENT_SQLSTATES)
 
 
 def error_response(err: FhirError) -> Response:
@@ -58,6 +73,15 @@ def register(app: Flask) -> None:
             # The server reads a body lazily, as the app asks for it: a broken chunked body or
             # a client gone mid-body surfaces here, and it is the client's fault, not ours.
             return error_response(BadRequest(f"The request body cannot be read: {err}"))
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(psycopg2.OperationalError)
+    def _database(err: Exception) -> Response:
+        if not _transient(err):
+            return _unexpected(err)
+        log.warning("database unavailable: %s", str(err).splitlines()[0])
+        return error_response(Unavailable(
+            "The database is unavailable for a moment; retry the request", retry_after=1))
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception) -> Response:

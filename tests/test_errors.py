@@ -68,3 +68,19 @@ def test_http_layer_refusals_are_outcomes(client: Any) -> None:
 def test_unsupported_media_type(client: Any) -> None:
     r = client.post("/fhir/Patient", data="<Patient/>", content_type="application/xml")
     assert r.status_code == 415 and r.json["issue"][0]["code"] == "not-supported"
+
+
+def test_an_unreachable_database_is_a_503_to_retry(
+    client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.store.db import get_engine
+
+    # Nothing listens on port 1: every connection attempt is refused.
+    monkeypatch.setenv("FHIRQ_DATABASE_URL", "postgresql://fhirq@127.0.0.1:1/none")
+    get_engine.cache_clear()  # the app's engine is cached: make it come from the setting above
+    try:
+        r = client.get("/fhir/Patient/p1")
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+        assert r.json["issue"][0]["code"] == "transient"
+    finally:
+        get_engine.cache_clear()  # the next test gets an engine on the real database again
