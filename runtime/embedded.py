@@ -82,10 +82,24 @@ def _pg_modules():  # type: ignore[no-untyped-def]
 def _postmaster(pgdata: Path) -> psutil.Process | None:
     """The running postmaster for this PGDATA, if any."""
     _, _, utils = _pg_modules()
-    info = utils.PostmasterInfo.read_from_pgdata(pgdata)
+    try:
+        info = utils.PostmasterInfo.read_from_pgdata(pgdata)
+    except (AssertionError, ValueError, IndexError):
+        # The wheel insists on a complete postmaster.pid; one still being written at start-up,
+        # or left by initdb's standalone backend (negative pid), has fewer lines.
+        return _pid_file_process(pgdata)
     if info is None or info.process is None:
         return None
     return info.process if procutil.alive(info.process) else None
+
+
+def _pid_file_process(pgdata: Path) -> psutil.Process | None:
+    try:
+        pid = abs(int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0]))
+        proc = psutil.Process(pid)
+        return proc if procutil.alive(proc) and proc.name().startswith("postgres") else None
+    except (OSError, ValueError, psutil.Error):
+        return None
 
 
 def _clear_stale_pidfile(pgdata: Path) -> None:

@@ -56,21 +56,27 @@ TABLES_TO_CLEAN: list[str] = ["resource", "resource_history", "resource_string"]
 
 @pytest.fixture
 def clean_db(engine: Engine) -> Iterator[Engine]:
-    """Empty every data table before the test; for tests that commit."""
-    with engine.begin() as c:
-        existing = {
-            r[0]
-            for r in c.execute(
-                text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
-            )
-        }
-        tables = [t for t in TABLES_TO_CLEAN if t in existing]
-        if "job" in existing:
-            tables.append("job")
-        if "job_entry" in existing:
-            tables.append("job_entry")
-        if tables:
-            c.execute(text(f"TRUNCATE {', '.join(tables)} CASCADE"))
+    """Empty every data table before the test; for tests that commit. A worker's task or beat
+    run still touching the job tables may deadlock with the TRUNCATE: try again."""
+    from core.store.retry import retry_conflicts
+
+    def empty() -> None:
+        with engine.begin() as c:
+            existing = {
+                r[0]
+                for r in c.execute(
+                    text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+                )
+            }
+            tables = [t for t in TABLES_TO_CLEAN if t in existing]
+            if "job" in existing:
+                tables.append("job")
+            if "job_entry" in existing:
+                tables.append("job_entry")
+            if tables:
+                c.execute(text(f"TRUNCATE {', '.join(tables)} CASCADE"))
+
+    retry_conflicts(empty, attempts=5, what="emptying the test tables")
     yield engine
 
 
