@@ -27,6 +27,7 @@ WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 # Of the control characters, a header value may hold only tab (RFC 9110 field-value).
 _HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_PATH_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _answer(err: FhirError, start_response: Callable[..., Any]) -> list[bytes]:
@@ -75,8 +76,15 @@ def check_request(environ: dict[str, Any], settings: Settings) -> None:
                 "(FHIRQ_MAX_HEADER_BYTES)",
                 expression=name,
             )
-    # PATH_INFO is already percent-decoded (as latin-1 text of its bytes).
-    check_text(environ.get("PATH_INFO", ""), "url", "The request path")
+    # PATH_INFO is already percent-decoded (as latin-1 text of its bytes). No type, id or
+    # version holds a line break or tab either: `Patient/p1%0A` is not `Patient/p1`.
+    found = _PATH_CONTROL.search(environ.get("PATH_INFO", ""))
+    if found:
+        raise BadRequest(
+            f"The request path contains the control character U+{ord(found.group()):04X}",
+            code="value",
+            expression="url",
+        )
     for pair in (environ.get("QUERY_STRING") or "").split("&"):
         name, _, value = pair.partition("=")
         name = unquote(name.replace("+", " "))

@@ -136,6 +136,8 @@ def test_control_characters_in_patches(stored: Any) -> None:
         ("/fhir/Patient?identifier=%00|%00", "identifier"),
         ("/fhir/Patient/_history?_since=%00", "_since"),
         ("/fhir/Patient/a%00b", "url"),
+        ("/fhir/Patient/p1%0A", "url"),
+        ("/fhir/Patient/p1%09/_history", "url"),
         ("/jobs/%00", "url"),
         ("/fhir/_async/%00", "url"),
     ],
