@@ -11,8 +11,9 @@ seconds, or the connection is dropped.
 
 Bodies are buffered up to the synchronous byte limit (in memory up to 1 MiB, then in a temporary
 file): every request the API answers synchronously is read whole before it runs. A larger body
-(an async upload) and an `Expect: 100-continue` request are handed over after their head and
-streamed by the thread, which still gives up after the body timeout without data.
+(an async upload) is handed over after its head and streamed by the thread, which still gives
+up after the body timeout without data. `Expect: 100-continue` is answered by the selector, so
+those bodies are buffered too.
 TLS and HTTP/2 (not used by fhirq's deployments) fall back to plain gthread.
 """
 
@@ -35,6 +36,7 @@ __all__ = ["BufferingWorker", "RequestBuffer"]
 
 READ_SIZE = 64 * 1024
 IN_MEMORY = 1 << 20  # a buffered request beyond this many bytes goes to a temporary file
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 BODY_SLACK = 64 * 1024  # bodies a little over the sync limit are still buffered: the 413 reads them
 
 
@@ -100,6 +102,9 @@ class RequestBuffer:
         self.remaining = 0  # body bytes still expected, for a Content-Length body
         self.chunks: _Chunks | None = None
         self.deadline = now + limits.header_timeout
+        # The head asked for `100 Continue` before the body, and the worker is to send it: the
+        # expectation is taken out of the buffered head, so gunicorn does not answer it again.
+        self.send_continue = False
 
     def feed(self, data: bytes, now: float) -> bool:
         self.spool.write(data)
@@ -110,9 +115,14 @@ class RequestBuffer:
             if end < 0:
                 return len(self.head) > self.limits.head_bytes
             self.head_done = True
-            data = bytes(self.head[end + 4 :])
-            if self._framing(bytes(self.head[:end])):
+            head, data = bytes(self.head[:end]), bytes(self.head[end + 4 :])
+            if self._framing(head):
+                self.send_continue = False  # handed over as it is: gunicorn answers it
                 return True
+            if self.send_continue:
+                self.spool.seek(0)
+                self.spool.truncate()
+                self.spool.write(_without_expect(head) + b"\r\n\r\n" + data)
             del self.head[:]
         self.deadline = now + self.limits.body_timeout
         if self.chunks is not None:
@@ -129,29 +139,42 @@ class RequestBuffer:
         not worth buffering, or framing only gunicorn's parser should judge)."""
         lengths: list[bytes] = []
         codings: list[bytes] = []
-        for line in head.split(b"\r\n")[1:]:
+        expects: list[bytes] = []
+        request_line, *fields = head.split(b"\r\n")
+        for line in fields:
             name, _, value = line.partition(b":")
             name = name.strip().lower()
             if name == b"content-length":
                 lengths.append(value.strip())
             elif name == b"transfer-encoding":
                 codings.extend(c.strip().lower() for c in value.split(b","))
-            elif name == b"expect" and b"100-continue" in value.lower():
-                return True  # the client waits for gunicorn's 100 Continue before the body
+            elif name == b"expect":
+                expects.append(value.strip().lower())
+        if expects:
+            # One `100-continue` on HTTP/1.1 is answered here, so that the body can be buffered
+            # too; anything else is gunicorn's to judge (417, or ignored on HTTP/1.0).
+            if expects != [b"100-continue"] or not request_line.endswith(b" HTTP/1.1"):
+                return True
+            self.send_continue = True
         if codings:
             if lengths or codings[-1] != b"chunked":
                 return True
             self.chunks = _Chunks()
             return False
-        if not lengths:
-            return True
         if len(set(lengths)) != 1 or not lengths[0].isdigit():
-            return True
+            return True  # no body, or framing gunicorn refuses
         self.remaining = int(lengths[0])
         return self.remaining == 0 or self.remaining > self.limits.body_bytes
 
     def close(self) -> None:
         self.spool.close()
+
+
+def _without_expect(head: bytes) -> bytes:
+    return b"\r\n".join(
+        line for line in head.split(b"\r\n")
+        if line.partition(b":")[0].strip().lower() != b"expect"
+    )
 
 
 class _BufferedUnreader(SocketUnreader):
@@ -255,7 +278,14 @@ class BufferingWorker(ThreadWorker):
             data = b""
         if not data:
             self._drop(conn)
-        elif self.incoming[conn].feed(data, time.monotonic()):
+            return
+        buffer = self.incoming[conn]
+        whole = buffer.feed(data, time.monotonic())
+        if buffer.send_continue and not whole:
+            buffer.send_continue = False
+            with contextlib.suppress(OSError):  # a client that cannot take it sends anyway
+                conn.sock.send(CONTINUE)
+        if whole:
             self.poller.unregister(conn.sock)
             self._hand_over(conn)
 

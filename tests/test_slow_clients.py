@@ -1,7 +1,8 @@
 """Slow clients cannot starve the API: the real API processes (gunicorn with fhirq's worker
 class, the command line `fhirq up` and `fhirq api` run) keep answering /healthz quickly while 64
-connections trickle request heads and bodies one byte every 2 s; a trickler is dropped after the
-header timeout; ordinary, chunked and pipelined requests still work."""
+connections trickle request heads and bodies one byte every 2 s (some after `Expect:
+100-continue`); a trickler is dropped after the header timeout; ordinary, chunked, pipelined and
+100-continue requests still work."""
 
 from __future__ import annotations
 
@@ -61,9 +62,10 @@ def _head_trickle() -> bytes:
     return b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: "
 
 
-def _body_trickle() -> bytes:
+def _body_trickle(expect: bool = False) -> bytes:
     return (b"POST /fhir HTTP/1.1\r\nHost: x\r\nContent-Type: application/fhir+json\r\n"
-            b"Content-Length: 100000\r\n\r\n{")
+            + (b"Expect: 100-continue\r\n" if expect else b"")
+            + b"Content-Length: 100000\r\n\r\n{")
 
 
 def _latencies(url: str, seconds: float) -> list[float]:
@@ -82,7 +84,9 @@ def _latencies(url: str, seconds: float) -> list[float]:
 
 def test_healthz_stays_fast_with_64_trickling_connections(api_url: str) -> None:
     port = int(api_url.rsplit(":", 1)[1])
-    openings = [_head_trickle() if i % 2 else _body_trickle() for i in range(TRICKLERS)]
+    # Heads, bodies, and bodies sent after `Expect: 100-continue` was answered.
+    openings = [[_head_trickle(), _body_trickle(), _body_trickle(expect=True)][i % 3]
+                for i in range(TRICKLERS)]
     slow = Tricklers(port, openings)
     try:
         time.sleep(1)
@@ -148,3 +152,23 @@ def test_chunked_and_pipelined_requests_are_served(api_url: str) -> None:
     health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
     answer = _exchange(port, health * 3, 3)
     assert answer.count(b"HTTP/1.1 200") == 3, answer[:600]
+
+
+def test_expect_100_continue_is_answered_once_then_the_request_runs(api_url: str) -> None:
+    port = int(api_url.rsplit(":", 1)[1])
+    body = b'{"resourceType": "Bundle", "type": "batch", "entry": []}'
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.settimeout(10)
+        s.sendall(b"POST /fhir HTTP/1.1\r\nHost: x\r\nContent-Type: application/fhir+json\r\n"
+                  b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        interim = s.recv(1024)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(body)
+        answer = b""
+        while not answer.endswith(b"}"):
+            piece = s.recv(65536)
+            if not piece:
+                break
+            answer += piece
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert b"100 Continue" not in answer and b'"batch-response"' in answer
