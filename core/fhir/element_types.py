@@ -1,10 +1,11 @@
 """Where the links of a resource can sit: for each resource type, a compact tree of the JSON
 paths whose FHIR type is `Reference.reference` or uri / url / canonical / oid / uuid.
 
-Derived once per type from the R4 definitions that validation already reads
-(`core.fhir.validation.model_elements`), so nested datatypes, backbone elements, choice
-elements (`valueUri`, `valueReference`), extensions on elements and on primitives (`_birthDate`)
-and contained resources are all covered, and a plain string (`identifier.value`) never is.
+Derived once per type from the R4 definitions that validation already reads (the generated
+tables of `core.fhir.r4`, through `core.fhir.validation.model_elements`), so nested datatypes,
+backbone elements, choice elements (`valueUri`, `valueReference`), extensions on elements and
+on primitives (`_birthDate`) and contained resources are all covered, and a plain string
+(`identifier.value`) never is.
 
 A tree is a dict from JSON name to what sits there: `REFERENCE` (a Reference's `reference`),
 `LINK` (a uri-like primitive), `RESOURCE` (any resource: `contained`, `Bundle.entry.resource`,
@@ -20,9 +21,7 @@ import threading
 from functools import cache
 from typing import Union
 
-from fhir.resources.R4B import get_fhir_model_class
-
-from core.fhir.validation import Model, model_elements, resource_model
+from core.fhir.validation import Model, is_resource_model, model_elements, resource_model
 
 __all__ = ["LINK", "LINK_TYPES", "REFERENCE", "RESOURCE", "Links", "resource_links"]
 
@@ -38,8 +37,7 @@ Links = dict[str, Union[str, "Links"]]
 
 @cache
 def resource_links(resource_type: str) -> Links | None:
-    """The link tree of `resource_type`; None when no R4 definition is known for it (unknown
-    types, and the R4 types validation checks against the DomainResource base only)."""
+    """The link tree of `resource_type`; None for unknown (and R4B-only) types."""
     model = resource_model(resource_type)
     if model is None:
         return None
@@ -47,7 +45,7 @@ def resource_links(resource_type: str) -> Links | None:
         done: dict[Model, Links] = {}
         tree = _model_links(model, done)
         for part, links in done.items():
-            if not part.has_resource_base():  # datatypes and backbone elements
+            if not is_resource_model(part):  # datatypes and backbone elements
                 _SHARED.setdefault(part, links)
     return tree
 
@@ -60,7 +58,7 @@ def _model_links(model: Model, done: dict[Model, Links]) -> Links:
         return found
     out: Links = {}
     done[model] = out  # before recursing: recursive types point back at this dict
-    is_reference = model is _reference_model()
+    is_reference = model == "Reference"
     for e in model_elements(model):
         if e.any_resource:
             out[e.key] = RESOURCE
@@ -77,7 +75,3 @@ def _model_links(model: Model, done: dict[Model, Links]) -> Links:
 _SHARED: dict[Model, Links] = {}
 _BUILDING = threading.Lock()
 
-
-@cache
-def _reference_model() -> Model:
-    return get_fhir_model_class("Reference")
