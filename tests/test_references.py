@@ -251,14 +251,14 @@ CASES = [
         {
             "resourceType": "MedicinalProduct",
             "crossReference": [{"value": PAT}],
-            "x": {"reference": PAT},
+            "attachedDocument": [{"reference": PAT}],
         },
         {
             "resourceType": "MedicinalProduct",
             "crossReference": [{"value": PAT}],
-            "x": {"reference": "Patient/p1"},
+            "attachedDocument": [{"reference": "Patient/p1"}],
         },
-        id="an R4 type without an R4B model: only `reference` strings",
+        id="an R4 type that R4B removed: typed from the R4 definitions like any other",
     ),
     pytest.param(
         obs(subject={"reference": "Patient/kept"}, valueString="urn:uuid:not-in-the-bundle"),
@@ -310,7 +310,9 @@ def test_link_tree_comes_from_the_definitions() -> None:
     patient_tree = resource_links("Patient")
     assert patient_tree is not None
     assert patient_tree["managingOrganization"] is tree["subject"], "one tree per datatype"
-    assert resource_links("MedicinalProduct") is None
+    product = resource_links("MedicinalProduct")  # R4 only: R4B removed it
+    assert product is not None and product["attachedDocument"] is tree["subject"]
+    assert resource_links("SubscriptionTopic") is None  # R4B only
     assert resource_links("NotAType") is None
 
 
