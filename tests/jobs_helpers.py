@@ -103,9 +103,12 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir = tempfile.mkdtemp(prefix="fhirq-worker-")
         self.log = Path(self.dir) / "worker.log"
+        # Run through this command, e.g. `ip netns exec NAME` (a worker on another "host").
+        self.prefix: list[str] = []
 
     def start(self) -> WorkerProcess:
         argv = [
+            *self.prefix,
             sys.executable, "-m", "celery", "-A", "worker.celery_app:celery", "worker",
             "--concurrency", str(self.concurrency), "--loglevel", "INFO",
             "--without-gossip", "--without-mingle", "--without-heartbeat",

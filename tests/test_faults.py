@@ -9,6 +9,7 @@ run; the others are also marked `slow` (deselected unless asked for: `-m faults`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -18,7 +19,7 @@ import pytest
 
 pytest.register_assert_rewrite("tests.fault_helpers")
 
-from tests.conftest import ADMIN_URL, REDIS_URL  # noqa: E402
+from tests.conftest import REDIS_URL  # noqa: E402
 from tests.fault_helpers import (  # noqa: E402
     PostgresServer,
     RedisServer,
@@ -39,11 +40,22 @@ pytestmark = pytest.mark.faults
 slow = pytest.mark.slow
 
 
-@pytest.fixture
-def stack() -> Iterator[Stack]:
-    """API and worker on a database of their own on the session's server, and its Redis."""
-    with private_database(ADMIN_URL) as url:
-        s = Stack(url, REDIS_URL)
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL of the module's own: tests restart it, and a fault test's connections do
+    not count against a shared server's limit."""
+    pg = PostgresServer()
+    pg.start()
+    yield pg
+    pg.close()
+
+
+@contextlib.contextmanager
+def running_stack(pg: PostgresServer, broker_url: str = REDIS_URL, *, poison: bool = False
+                  ) -> Iterator[Stack]:
+    """API and worker on a fresh database of `pg`, and `broker_url`."""
+    with private_database(pg.url) as url:
+        s = Stack(url, broker_url, poison=poison)
         try:
             yield s.start()
         finally:
@@ -51,13 +63,15 @@ def stack() -> Iterator[Stack]:
 
 
 @pytest.fixture
-def poison_stack() -> Iterator[Stack]:
-    with private_database(ADMIN_URL) as url:
-        s = Stack(url, REDIS_URL, poison=True)
-        try:
-            yield s.start()
-        finally:
-            s.close()
+def stack(postgres: PostgresServer) -> Iterator[Stack]:
+    with running_stack(postgres) as s:
+        yield s
+
+
+@pytest.fixture
+def poison_stack(postgres: PostgresServer) -> Iterator[Stack]:
+    with running_stack(postgres, poison=True) as s:
+        yield s
 
 
 def running_job(s: Stack, tag: str) -> str:
@@ -118,44 +132,33 @@ def test_kill_9_of_the_worker_main_process(stack: Stack) -> None:
 
 @slow
 @pytest.mark.parametrize("persistent", [True, False], ids=["appendonly", "no-persistence"])
-def test_kill_9_of_redis(persistent: bool) -> None:
+def test_kill_9_of_redis(postgres: PostgresServer, persistent: bool) -> None:
     """Redis dies mid-job and is back a second later, with its append-only file (nothing
     acknowledged is lost) or empty (every queued and unacknowledged message is lost)."""
     redis_server = RedisServer(persistent).start()
     try:
-        with private_database(ADMIN_URL) as url:
-            s = Stack(url, redis_server.url).start()
-            try:
-                tag = "aof" if persistent else "nopersist"
-                job_id = running_job(s, tag)
-                t0 = time.time()
-                redis_server.kill()
-                time.sleep(1)
-                redis_server.start()
-                fault = "kill -9 redis, " + ("appendonly" if persistent else "no persistence")
-                s.verdict(fault, job_id, tag, N, t0)
-            finally:
-                s.close()
+        with running_stack(postgres, redis_server.url) as s:
+            tag = "aof" if persistent else "nopersist"
+            job_id = running_job(s, tag)
+            t0 = time.time()
+            redis_server.kill()
+            time.sleep(1)
+            redis_server.start()
+            fault = "kill -9 redis, " + ("appendonly" if persistent else "no persistence")
+            s.verdict(fault, job_id, tag, N, t0)
     finally:
         redis_server.close()
 
 
 @slow
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
-def test_postgres_restart(mode: str) -> None:
+def test_postgres_restart(postgres: PostgresServer, mode: str) -> None:
     """`pg_ctl restart`: fast (sessions cut, checkpoint) or immediate (a crash: WAL replay)."""
-    pg = PostgresServer()
-    try:
-        s = Stack(pg.start(), REDIS_URL).start()
-        try:
-            job_id = running_job(s, mode)
-            t0 = time.time()
-            pg.restart(mode)
-            s.verdict(f"postgres restart -m {mode}", job_id, mode, N, t0)
-        finally:
-            s.close()
-    finally:
-        pg.close()
+    with running_stack(postgres) as s:
+        job_id = running_job(s, mode)
+        t0 = time.time()
+        postgres.restart(mode)
+        s.verdict(f"postgres restart -m {mode}", job_id, mode, N, t0)
 
 
 @slow
