@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
+from tests.builders import patient, post, transaction
 from tests.jobs_helpers import *  # noqa: F403 - fixtures
 from tests.jobs_helpers import (
     WorkerProcess,
@@ -22,6 +23,7 @@ from tests.jobs_helpers import (
     job_id_of,
     lone_worker,
     patients_batch,
+    scalar,
     submit,
     wait_job,
 )
@@ -81,7 +83,13 @@ def test_an_entry_past_the_time_limit_fails_alone(api: Any, poisoner: WorkerProc
         assert "time limit" in issue["diagnostics"]
         assert issue["expression"] == [f"Bundle.entry[{i}]"]
     assert_exactly_once(clean_db, job_id, n - 2)
-    print(f"time-limit poison: job of {n} done in {elapsed:.1f} s")
+    # How long the innocent entries of the poisoned chunks waited, against a chunk's 5 s.
+    waited = scalar(clean_db, "SELECT extract(epoch FROM max(e.finished_at) - j.created_at) "
+                              "FROM job_entry e JOIN job j ON j.id = e.job_id "
+                              "WHERE e.job_id = :id AND e.status = 201 GROUP BY j.created_at",
+                    id=job_id)
+    print(f"time-limit poison: job of {n} done in {elapsed:.1f} s, "
+          f"the last innocent entry after {float(waited):.1f} s")
 
 
 def test_an_entry_that_kills_its_process_fails_alone(api: Any, poisoner: WorkerProcess,
@@ -103,3 +111,19 @@ def test_an_entry_that_kills_its_process_fails_alone(api: Any, poisoner: WorkerP
     assert_exactly_once(clean_db, job_id, n - 2)
     assert poisoner.alive
     print(f"process-lost poison: job of {n} done in {elapsed:.1f} s")
+
+
+def test_a_transaction_that_kills_its_process_twice_fails(api: Any, poisoner: WorkerProcess,
+                                                          clean_db: Engine) -> None:
+    """A transaction is all or nothing and cannot be split: its run dies, runs once more, dies
+    again, and the job fails with a 500 saying why, nothing written."""
+    body = transaction(post(patient("Innocent")), post(patient("fhirq-test-poison:exit")))
+    job_id = job_id_of(submit(api, body))
+    status = wait_job(api, job_id, timeout=60, worker=poisoner)
+    assert status["state"] == "failed"
+    assert status["outcomeStatus"] == 500
+    issue = status["outcome"]["issue"][0]
+    assert issue["code"] == "exception" and "lost the worker process" in issue["diagnostics"]
+    assert scalar(clean_db, "SELECT count(*) FROM resource") == 0
+    assert scalar(clean_db, "SELECT count(*) FROM job_chunk WHERE job_id = :id", id=job_id) == 0
+    assert poisoner.alive

@@ -203,6 +203,7 @@ def run_transaction_job(conn: Connection, job_id: str, side: Side,
 
     def attempt() -> None:
         entries = [(idx, _decode(idx, raw)) for idx, raw in rows]
+        _inject_faults(entries)
         results = execute_transaction(conn, entries, ctx)
         write_results(conn, job_id, results, "transaction", job["prefer_return"])
         if count_results(conn, job_id, len(results), len(results), t0) is None:
@@ -361,10 +362,14 @@ def _execute(conn: Connection, entries: list[tuple[int, dict[str, Any]]], ctx: C
 
 def _execute_batch(conn: Connection, entries: list[tuple[int, dict[str, Any]]], ctx: Context
                    ) -> list[EntryResult]:
-    if faults.ENABLED:
+    _inject_faults(entries)
+    return execute_batch(conn, entries, ctx)
+
+
+def _inject_faults(entries: list[tuple[int, dict[str, Any]]]) -> None:
+    if faults.ENABLED:  # tests only (FHIRQ_TEST_POISON)
         for _, entry in entries:
             faults.inject(orjson.dumps(entry).decode())
-    return execute_batch(conn, entries, ctx)
 
 
 # --------------------------------------------------------------------------- result rows
