@@ -13,8 +13,8 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify
 from sqlalchemy import text
 
-from core.services import redis_client_url
 from core.store.db import get_engine
+from worker.broker import broker_for
 
 bp = Blueprint("health", __name__)
 
@@ -35,22 +35,6 @@ def _database_error() -> str | None:
     return None
 
 
-def _broker_error(url: str | None) -> str | None:
-    if not url or not url.startswith(("redis", "unix", "socket")):
-        return None  # another broker: its client reconnects on its own
-    import redis
-
-    client = redis.Redis.from_url(redis_client_url(url), socket_timeout=1,
-                                  socket_connect_timeout=1)
-    try:
-        client.ping()
-    except (redis.RedisError, OSError) as exc:
-        return type(exc).__name__
-    finally:
-        client.close()
-    return None
-
-
 @bp.get("/readyz")
 def readyz():  # type: ignore[no-untyped-def]
     from runtime.running import down_services
@@ -58,7 +42,9 @@ def readyz():  # type: ignore[no-untyped-def]
     reasons: dict[str, Any] = {}
     if (error := _database_error()) is not None:
         reasons["database"] = error
-    if (error := _broker_error(current_app.config["FHIRQ"].redis_url)) is not None:
+    cfg = current_app.config["FHIRQ"]
+    # An API given no broker URL has no broker of its own to vouch for.
+    if (cfg.broker_url or cfg.redis_url) and (error := broker_for(cfg.broker).problem()):
         reasons["broker"] = error
     down = [*reasons, *(name for name in down_services() if name not in reasons)]
     if any(name in CRITICAL for name in reasons):

@@ -2,11 +2,12 @@
 histogram, one log line per request (the access log), and the job id of job routes in the log
 context.
 
-Jobs, entries, throughput and queue depth are computed at scrape time from PostgreSQL and Redis
-(`core.metrics`), so every API process answers the same. The latency histogram is measured in
-each process: with `PROMETHEUS_MULTIPROC_DIR` set (an empty directory, wiped at each start,
-shared by the API processes of a host), prometheus_client's multiprocess mode sums it over all
-of them; without it, a scrape sees the histogram of the one process that answered it.
+Jobs, entries, throughput and queue depth are computed at scrape time from PostgreSQL and the
+broker (`core.metrics`, `worker.broker`), so every API process answers the same. The latency
+histogram is measured in each process: with `PROMETHEUS_MULTIPROC_DIR` set (an empty directory,
+wiped at each start, shared by the API processes of a host), prometheus_client's multiprocess
+mode sums it over all of them; without it, a scrape sees the histogram of the one process that
+answered it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from core.config import Settings
 from core.logging import bind, reset
 from core.metrics import JobsCollector
 from core.store.db import get_engine
+from worker.broker import broker_for
 
 __all__ = ["REQUEST_SECONDS", "bp", "register"]
 
@@ -64,7 +66,7 @@ def register(app: Flask) -> None:
 
 def _registry(settings: Settings) -> CollectorRegistry:
     registry = CollectorRegistry()
-    registry.register(JobsCollector(settings, get_engine))
+    registry.register(JobsCollector(settings, get_engine, broker_for(settings.broker)))
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         MultiProcessCollector(registry)
     else:

@@ -80,6 +80,7 @@ class Stack:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
+        env.pop("FHIRQ_BROKER_URL", None)  # it would win over the benchmark's own Redis
         env.update(
             FHIRQ_DATABASE_URL=self.services.database_url,
             FHIRQ_REDIS_URL=self.services.broker_url,

@@ -72,8 +72,9 @@ def up(
 ) -> None:
     """Run everything: database, broker, API and worker, in the foreground.
 
-    Without FHIRQ_DATABASE_URL / FHIRQ_REDIS_URL it starts an embedded PostgreSQL and Redis
-    under --data-dir and reuses them on the next run. Ctrl-C stops all of it."""
+    Without FHIRQ_DATABASE_URL / FHIRQ_REDIS_URL (or FHIRQ_BROKER_URL) it starts an embedded
+    PostgreSQL and Redis under --data-dir and reuses them on the next run. Ctrl-C stops all of
+    it."""
     from cli.up import UpOptions, serve
 
     options = UpOptions(

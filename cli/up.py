@@ -1,7 +1,8 @@
 """`fhirq up`: the whole product in one command. Starts (or reuses) the embedded PostgreSQL and
-Redis under a data directory unless FHIRQ_DATABASE_URL / FHIRQ_REDIS_URL point elsewhere,
-migrates the schema, runs the API (gunicorn) and a Celery worker (and beat when a schedule
-exists), and on Ctrl-C / SIGTERM stops all of it in order and checks nothing is left running.
+Redis under a data directory unless FHIRQ_DATABASE_URL / FHIRQ_REDIS_URL (or FHIRQ_BROKER_URL)
+point elsewhere, migrates the schema, runs the API (gunicorn) and a Celery worker (and beat when
+a schedule exists), and on Ctrl-C / SIGTERM stops all of it in order and checks nothing is left
+running.
 
 Authentication: bound to loopback, `fhirq up` runs without it (FHIRQ_AUTH=off) unless the user
 set FHIRQ_AUTH, and says so; any other address needs FHIRQ_AUTH=required, set explicitly."""
@@ -225,8 +226,11 @@ def _start(
         watched.append(Service("PostgreSQL", lambda: embedded.postgres_running(data_dir),
                                lambda: _restart_postgres(data_dir, children)))
 
+    broker_url = os.environ.get("FHIRQ_BROKER_URL")
     redis_url = os.environ.get("FHIRQ_REDIS_URL")
-    if redis_url:
+    if broker_url:
+        echo(f"fhirq: broker: {_mask(broker_url)} (FHIRQ_BROKER_URL)")
+    elif redis_url:
         echo(f"fhirq: Redis: {_mask(redis_url)} (FHIRQ_REDIS_URL)")
     else:
         stack.callback(embedded.stop_redis, data_dir)
@@ -246,11 +250,12 @@ def _start(
     env = dict(os.environ)
     env.update(
         FHIRQ_DATABASE_URL=db_url,
-        FHIRQ_REDIS_URL=redis_url,
         FHIRQ_DATA_DIR=str(data_dir),
         FHIRQ_AUTH=auth,
         PYTHONUNBUFFERED="1",
     )
+    if redis_url:
+        env["FHIRQ_REDIS_URL"] = redis_url
     env.setdefault("FHIRQ_BASE_URL", base_url)
     # A person reads this terminal: readable lines, unless FHIRQ_LOG_FORMAT says otherwise.
     env.setdefault("FHIRQ_LOG_FORMAT", "text")
@@ -278,7 +283,7 @@ def _start(
 
     origin = f"http://{format_host(opts.host)}:{opts.port}"
     _wait_healthy(f"{origin}/healthz", children[0].proc, opts.ready_timeout)
-    _wait_worker(redis_url, children[1].proc, opts.ready_timeout)
+    _wait_worker(broker_url or redis_url or "", children[1].proc, opts.ready_timeout)
     stack.callback(running.forget, data_dir)
 
     def record(down: list[str]) -> None:

@@ -30,6 +30,10 @@ class Settings:
 
     database_url: str | None = field(default_factory=lambda: os.environ.get("FHIRQ_DATABASE_URL"))
     redis_url: str | None = field(default_factory=lambda: os.environ.get("FHIRQ_REDIS_URL"))
+    # The broker when it is not Redis (`amqp://…`: RabbitMQ); it wins over FHIRQ_REDIS_URL.
+    broker_url: str | None = field(
+        default_factory=lambda: os.environ.get("FHIRQ_BROKER_URL") or None
+    )
     data_dir: str = field(default_factory=lambda: os.environ.get("FHIRQ_DATA_DIR", ".fhirq"))
     # Public base URL used in Location / Content-Location headers; derived from the request
     # when unset.
@@ -96,7 +100,8 @@ class Settings:
     orphan_seconds: float = field(default_factory=lambda: _float("FHIRQ_JOB_ORPHAN_SECONDS", 3))
     reaper_interval: float = field(default_factory=lambda: _float("FHIRQ_REAPER_INTERVAL", 3))
     queue: str = field(default_factory=lambda: os.environ.get("FHIRQ_QUEUE", "fhirq"))
-    # Redis re-delivers an unacked message after this; every task limit stays below it.
+    # The broker re-delivers an unacknowledged message after this (Redis's visibility timeout;
+    # with RabbitMQ, the consumers' `x-consumer-timeout`); every task limit stays below it.
     visibility_timeout: int = field(
         default_factory=lambda: _int("FHIRQ_CELERY_VISIBILITY_TIMEOUT", 7200)
     )
@@ -170,6 +175,14 @@ class Settings:
     metrics_token: str | None = field(
         default_factory=lambda: os.environ.get("FHIRQ_METRICS_TOKEN") or None, repr=False
     )
+
+    @property
+    def broker(self) -> str:
+        """Celery's broker URL: FHIRQ_BROKER_URL, else FHIRQ_REDIS_URL, else a local Redis."""
+        return self.broker_url or self.redis_url or DEFAULT_BROKER
+
+
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 
 
 def get_settings() -> Settings:

@@ -1,5 +1,5 @@
-"""Prometheus metrics computed at scrape time from PostgreSQL and Redis, so they are the same
-whichever API process answers the scrape and however many workers there are.
+"""Prometheus metrics computed at scrape time from PostgreSQL and the broker, so they are the
+same whichever API process answers the scrape and however many workers there are.
 
 All gauges:
 
@@ -9,32 +9,31 @@ All gauges:
 | `fhirq_job_entries{state}` | entries `succeeded`, `failed` (all jobs), `pending` (active jobs) |
 | `fhirq_entries_per_second` | entries finished per second over the last minute |
 | `fhirq_job_oldest_active_seconds` | age of the oldest accepted or running job |
-| `fhirq_queue_depth{queue}` | Celery tasks waiting in the Redis queue |
-| `fhirq_queue_unacked` | tasks handed to workers and not yet acknowledged |
-| `fhirq_metrics_source_up{source}` | 1 if `postgresql` / `redis` answered this scrape |
+| `fhirq_queue_depth{queue}` | Celery tasks waiting in the job queue |
+| `fhirq_queue_unacked` | tasks handed to workers and not yet acknowledged (Redis only) |
+| `fhirq_metrics_source_up{source}` | 1 if `postgresql` / the broker (`redis`, `rabbitmq`) replied |
 
 Each scrape costs a few milliseconds: one aggregate over `job` (a row per job, not per entry),
-and at most `RATE_SAMPLE` index entries of `ix_job_entry_finished`; Redis answers with list
-lengths. A source that fails is reported by `fhirq_metrics_source_up` and leaves its metrics out,
-never the whole scrape.
+and at most `RATE_SAMPLE` index entries of `ix_job_entry_finished`; the broker is asked by the
+`QueueReader` the edge passes in (worker.broker: list lengths in Redis, a passive queue declare
+in RabbitMQ), so this module knows no broker. A source that fails is reported by
+`fhirq_metrics_source_up` and leaves its metrics out, never the whole scrape.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from functools import lru_cache
+from typing import NamedTuple, Protocol
 
-import redis
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, text
 
 from core.config import Settings
 from core.jobs.model import ACTIVE, TERMINAL
-from core.services import redis_client_url
 
-__all__ = ["RATE_SAMPLE", "RATE_WINDOW", "JobsCollector", "queue_keys", "redis_client"]
+__all__ = ["RATE_SAMPLE", "RATE_WINDOW", "JobsCollector", "QueueReader", "QueueStats"]
 
 log = logging.getLogger(__name__)
 
@@ -61,30 +60,29 @@ FROM (SELECT finished_at FROM job_entry
       ORDER BY finished_at DESC LIMIT :sample) recent
 """
 
-# kombu's Redis transport keeps a queue's messages of priority p > 0 in `queue\x06\x16p`.
-_PRIORITY_SEP = "\x06\x16"
-_PRIORITY_STEPS = (3, 6, 9)
-_UNACKED = "unacked"
+class QueueStats(NamedTuple):
+    """What the broker says of a queue."""
+
+    waiting: int  # messages ready for a worker
+    unacked: int | None = None  # delivered, not yet acknowledged; None: the broker does not say
 
 
-def queue_keys(queue: str) -> list[str]:
-    """The Redis lists holding the messages of a Celery queue."""
-    return [queue] + [f"{queue}{_PRIORITY_SEP}{p}" for p in _PRIORITY_STEPS]
+class QueueReader(Protocol):
+    """The broker, as the metrics need it."""
 
+    kind: str  # its name in `fhirq_metrics_source_up`
 
-@lru_cache(maxsize=4)
-def redis_client(broker_url: str) -> redis.Redis:
-    """A client of the broker (whichever way Celery's URL spells it)."""
-    return redis.Redis.from_url(redis_client_url(broker_url), socket_timeout=TIMEOUT_MS / 1000,
-                                socket_connect_timeout=TIMEOUT_MS / 1000)
+    def queue_stats(self, queue: str) -> QueueStats: ...
 
 
 class JobsCollector(Collector):
     """Jobs, entries, throughput and the task queue, read at each scrape."""
 
-    def __init__(self, settings: Settings, engine: Callable[[], Engine]) -> None:
+    def __init__(self, settings: Settings, engine: Callable[[], Engine],
+                 broker: QueueReader) -> None:
         self.settings = settings
         self.engine = engine
+        self.broker = broker
 
     def describe(self) -> list[Metric]:
         # Declared without values, so registering the collector does not query anything.
@@ -100,11 +98,12 @@ class JobsCollector(Collector):
             log.warning("metrics: PostgreSQL did not answer", exc_info=True)
             up.add_metric(["postgresql"], 0)
         try:
-            yield from self._from_redis()
-            up.add_metric(["redis"], 1)
+            yield from self._from_broker()
+            up.add_metric([self.broker.kind], 1)
         except Exception:  # noqa: BLE001
-            log.warning("metrics: Redis did not answer", exc_info=True)
-            up.add_metric(["redis"], 0)
+            log.warning("metrics: the broker (%s) did not answer", self.broker.kind,
+                        exc_info=True)
+            up.add_metric([self.broker.kind], 0)
         yield up
 
     def _from_postgres(self) -> list[Metric]:
@@ -144,24 +143,21 @@ class JobsCollector(Collector):
         )
         return [jobs, entries, rate, age]
 
-    def _from_redis(self) -> list[Metric]:
+    def _from_broker(self) -> list[Metric]:
         queue = self.settings.queue
-        client = redis_client(self.settings.redis_url or "redis://127.0.0.1:6379/0")
-        with client.pipeline(transaction=False) as pipe:
-            for key in queue_keys(queue):
-                pipe.llen(key)
-            pipe.hlen(_UNACKED)
-            *lengths, unacked = pipe.execute()
+        stats = self.broker.queue_stats(queue)
         depth = GaugeMetricFamily("fhirq_queue_depth",
                                   "Celery tasks waiting in the queue", labels=["queue"])
-        depth.add_metric([queue], sum(lengths))
+        depth.add_metric([queue], stats.waiting)
+        if stats.unacked is None:
+            return [depth]
         return [
             depth,
             GaugeMetricFamily(
                 "fhirq_queue_unacked",
                 "Tasks handed to workers and not yet acknowledged (running or reserved), "
                 "over every queue of the broker's Redis database",
-                value=unacked,
+                value=stats.unacked,
             ),
         ]
 

@@ -20,6 +20,9 @@ from tests.embedded_services import database_url, session_services
 _SERVICES = session_services()
 ADMIN_URL = _SERVICES.admin_url
 REDIS_URL = _SERVICES.redis_url
+# The broker of the job tests' workers: FHIRQ_TEST_BROKER_URL (e.g. amqp://… for RabbitMQ), else
+# the session's Redis.
+BROKER_URL = os.environ.get("FHIRQ_TEST_BROKER_URL") or REDIS_URL
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""Fixtures and helpers for the job tests: real Celery worker processes on a Redis queue of
-this test session's own, a Flask client with the job endpoints, and polling helpers.
+"""Fixtures and helpers for the job tests: real Celery worker processes on a queue of this test
+session's own (on Redis, or on FHIRQ_TEST_BROKER_URL's RabbitMQ: the job tests are skipped,
+saying so, if it does not answer), a Flask client with the job endpoints, and polling helpers.
 
 Use with `from tests.jobs_helpers import *` (fixtures must be importable by name).
 """
@@ -20,11 +21,10 @@ from typing import Any
 
 import orjson
 import pytest
-import redis
 from sqlalchemy import Engine, text
 
-from tests.conftest import REDIS_URL
-from tests.embedded_services import redis_client_url
+from tests.conftest import BROKER_URL, REDIS_URL
+from worker.broker import broker_for
 
 __all__ = [
     "QUEUE",
@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 JOB_ENV = {
     "FHIRQ_QUEUE": QUEUE,
     "FHIRQ_REDIS_URL": REDIS_URL,
+    **({"FHIRQ_BROKER_URL": BROKER_URL} if BROKER_URL != REDIS_URL else {}),
     "FHIRQ_CHUNK_SIZE": "50",
     "FHIRQ_JOB_INFLIGHT": "2",
     "FHIRQ_JOB_STALL_SECONDS": "3",
@@ -66,16 +67,19 @@ JOB_ENV = {
 
 @pytest.fixture(scope="session")
 def jobs_env(db_url: str) -> Iterator[dict[str, str]]:
+    broker = broker_for(BROKER_URL)
+    if BROKER_URL != REDIS_URL and (problem := broker.problem()) is not None:
+        pytest.skip(f"the test broker {BROKER_URL} (FHIRQ_TEST_BROKER_URL) does not answer: "
+                    f"{problem}")
     saved = {k: os.environ.get(k) for k in JOB_ENV}
     os.environ.update(JOB_ENV)
-    from worker.celery_app import celery
+    from core.config import get_settings
+    from worker.celery_app import broker_conf, celery
 
     # The app may have been imported before these variables were set.
-    celery.conf.task_default_queue = QUEUE
-    celery.conf.broker_url = REDIS_URL
+    celery.conf.update(broker_conf(get_settings()))
     yield {**JOB_ENV, "FHIRQ_DATABASE_URL": db_url}
-    broker = redis.Redis.from_url(redis_client_url(REDIS_URL))
-    broker.delete(QUEUE, f"_kombu.binding.{QUEUE}", f"_kombu.binding_permanent.{QUEUE}")
+    broker.delete(QUEUE)
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -167,7 +171,7 @@ def lone_worker(jobs_env: dict[str, str], env: dict[str, str], name: str, **kwar
     finally:
         w.stop()
         os.environ["FHIRQ_QUEUE"] = QUEUE
-        redis.Redis.from_url(redis_client_url(REDIS_URL)).delete(queue)
+        broker_for(BROKER_URL).delete(queue)
 
 
 @pytest.fixture(scope="session")
@@ -181,7 +185,7 @@ def session_worker(jobs_env: dict[str, str]) -> Iterator[WorkerProcess]:
 def quiesce(engine: Engine, timeout: float = 20) -> None:
     """Stop all job work of this session, so that the next test's TRUNCATE meets no task:
     drop queued messages, cancel active jobs, wait for running tasks to end."""
-    redis.Redis.from_url(redis_client_url(REDIS_URL)).delete(QUEUE)
+    broker_for(BROKER_URL).purge(QUEUE)
     with engine.begin() as c:
         c.execute(text("UPDATE job SET state = 'cancelled' "
                        "WHERE state IN ('accepted', 'running')"))

@@ -12,12 +12,10 @@ from typing import Any
 
 import orjson
 import pytest
-import redis
 from sqlalchemy import Engine, text
 
 from core.jobs import Submission, accept_job
-from tests.conftest import REDIS_URL
-from tests.embedded_services import redis_client_url
+from tests.conftest import BROKER_URL
 from tests.jobs_helpers import *  # noqa: F403 - fixtures
 from tests.jobs_helpers import (
     WorkerProcess,
@@ -29,6 +27,7 @@ from tests.jobs_helpers import (
     wait_for,
     wait_job,
 )
+from worker.broker import broker_for
 
 # The defaults of core.config, spelled out: what heals here is not a short stall.
 DEFAULTS = {
@@ -57,7 +56,7 @@ def test_lost_queue_messages_resume_within_seconds(api: Any, recovering: WorkerP
     job_id = job_id_of(submit(api, patients_batch(n, "lost")))
     wait_for(lambda: done(api, job_id) >= 300, 60, "some progress", on_timeout=recovering.tail)
     recovering.stop()
-    redis.Redis.from_url(redis_client_url(REDIS_URL)).delete(recovering.env["FHIRQ_QUEUE"])
+    broker_for(BROKER_URL).delete(recovering.env["FHIRQ_QUEUE"])
     assert done(api, job_id) < n, "the job finished before the fault: make it bigger"
     recovering.start()
     back = time.monotonic()

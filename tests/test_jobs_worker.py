@@ -11,12 +11,10 @@ from typing import Any
 
 import orjson
 import pytest
-import redis
 from sqlalchemy import Engine, text
 
 from tests.builders import patient, post, transaction, urn
-from tests.conftest import REDIS_URL
-from tests.embedded_services import redis_client_url
+from tests.conftest import BROKER_URL
 from tests.jobs_helpers import *  # noqa: F403 - fixtures
 from tests.jobs_helpers import (
     QUEUE,
@@ -28,6 +26,7 @@ from tests.jobs_helpers import (
     wait_for,
     wait_job,
 )
+from worker.broker import broker_for
 
 LIVE = "SELECT count(*) FROM resource WHERE NOT deleted"
 
@@ -167,10 +166,11 @@ def test_sigkill_mid_batch_loses_and_duplicates_nothing(
 
 def test_lost_messages_are_reaped(api: Any, jobs_env: dict[str, str], worker: WorkerProcess,
                                   clean_db: Engine) -> None:
-    """Redis flushed between accept and execution: the reaper re-dispatches the job."""
+    """The broker lost the job's messages between accept and execution (Redis restarted
+    empty, a queue purged): the reaper re-dispatches the job."""
     worker.stop()
     job_id = job_id_of(submit(api, patients_batch(60, "lost")))
-    redis.Redis.from_url(redis_client_url(REDIS_URL)).delete(QUEUE)
+    broker_for(BROKER_URL).purge(QUEUE)
     worker.start()
     status = wait_job(api, job_id, timeout=60, worker=worker)
     assert status["counts"]["succeeded"] == 60

@@ -27,9 +27,9 @@ from sqlalchemy import Engine, create_engine, text
 
 from core.config import get_settings
 from core.logging import JsonFormatter, TextFormatter, bind, configure_logging, log_context, reset
-from core.metrics import RATE_SAMPLE, JobsCollector, queue_keys, redis_client
+from core.metrics import RATE_SAMPLE, JobsCollector
 from tests.builders import patient, post, transaction
-from tests.conftest import REDIS_URL
+from tests.conftest import BROKER_URL, REDIS_URL
 from tests.jobs_helpers import *  # noqa: F403 - fixtures
 from tests.jobs_helpers import (
     ROOT,
@@ -40,6 +40,7 @@ from tests.jobs_helpers import (
     wait_for,
     wait_job,
 )
+from worker.broker import RedisBroker, broker_for, kind_of, queue_keys
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -97,7 +98,7 @@ def test_metrics_after_jobs_ran(api: Any, worker: WorkerProcess, clean_db: Engin
     assert 29 <= value(s, "fhirq_job_oldest_active_seconds") < 60
     assert value(s, "fhirq_queue_depth", queue=get_settings().queue) >= 0
     assert value(s, "fhirq_metrics_source_up", source="postgresql") == 1
-    assert value(s, "fhirq_metrics_source_up", source="redis") == 1
+    assert value(s, "fhirq_metrics_source_up", source=kind_of(BROKER_URL)) == 1
 
 
 def test_rate_counts_the_latest_entries_through_the_index(clean_db: Engine) -> None:
@@ -115,7 +116,7 @@ def test_rate_counts_the_latest_entries_through_the_index(clean_db: Engine) -> N
             "FROM generate_series(0, :last) i"
         ), {"last": n - 1})
         c.execute(text("ANALYZE job_entry"))
-    s = collect(JobsCollector(get_settings(), lambda: clean_db))
+    s = collect(JobsCollector(get_settings(), lambda: clean_db, broker_for(REDIS_URL)))
     assert value(s, "fhirq_entries_per_second") == pytest.approx(500, rel=0.1)
 
     from core.metrics import _RECENT
@@ -128,17 +129,18 @@ def test_rate_counts_the_latest_entries_through_the_index(clean_db: Engine) -> N
 
 def test_queue_depth_counts_every_priority_list_of_the_queue() -> None:
     queue = f"fhirq-metrics-{os.getpid()}"
-    broker = redis_client(REDIS_URL)
+    broker = RedisBroker(REDIS_URL)
     keys = queue_keys(queue)
     try:
-        broker.lpush(keys[0], "a", "b", "c")
-        broker.lpush(keys[2], "d")  # a message sent with priority 6
-        settings = replace(get_settings(), queue=queue, redis_url=REDIS_URL)
-        s = collect(JobsCollector(settings, lambda: create_engine("postgresql://nobody@x/y")))
+        broker.client.lpush(keys[0], "a", "b", "c")
+        broker.client.lpush(keys[2], "d")  # a message sent with priority 6
+        settings = replace(get_settings(), queue=queue)
+        s = collect(JobsCollector(settings, lambda: create_engine("postgresql://nobody@x/y"),
+                                  broker))
         assert value(s, "fhirq_queue_depth", queue=queue) == 4
         assert value(s, "fhirq_metrics_source_up", source="redis") == 1
     finally:
-        broker.delete(*keys)
+        broker.delete(queue)
 
 
 def test_a_source_down_is_reported_and_the_rest_still_scraped(clean_db: Engine) -> None:
@@ -146,15 +148,20 @@ def test_a_source_down_is_reported_and_the_rest_still_scraped(clean_db: Engine) 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     no_db = create_engine(f"postgresql+psycopg2://root@127.0.0.1:{port}/x")
-    settings = replace(get_settings(), redis_url=REDIS_URL)
-    s = collect(JobsCollector(settings, lambda: no_db))
+    settings = get_settings()
+    s = collect(JobsCollector(settings, lambda: no_db, broker_for(REDIS_URL)))
     assert value(s, "fhirq_metrics_source_up", source="postgresql") == 0
     assert not any(name == "fhirq_jobs" for name, _ in s)
     assert value(s, "fhirq_metrics_source_up", source="redis") == 1
 
-    settings = replace(get_settings(), redis_url=f"redis://127.0.0.1:{port}/0")
-    s = collect(JobsCollector(settings, lambda: clean_db))
+    s = collect(JobsCollector(settings, lambda: clean_db,
+                              broker_for(f"redis://127.0.0.1:{port}/0")))
     assert value(s, "fhirq_metrics_source_up", source="redis") == 0
+    assert value(s, "fhirq_jobs", state="completed") == 0
+
+    s = collect(JobsCollector(settings, lambda: clean_db,
+                              broker_for(f"amqp://guest:guest@127.0.0.1:{port}//")))
+    assert value(s, "fhirq_metrics_source_up", source="rabbitmq") == 0
     assert value(s, "fhirq_jobs", state="completed") == 0
 
 

@@ -1,32 +1,76 @@
-"""The Celery application. Broker: Redis (FHIRQ_REDIS_URL). Results live in PostgreSQL, so no
+"""The Celery application. Broker: Redis by default (FHIRQ_REDIS_URL), RabbitMQ for brokers
+that must not lose messages (FHIRQ_BROKER_URL=amqp://…). Results live in PostgreSQL, so no
 result backend is configured.
 
 Delivery is at-least-once (`acks_late`; a task that dies is delivered again) and every task is
-idempotent against PostgreSQL. Time limits stay below the broker's visibility timeout, so a slow
-task is never handed to a second worker while it still runs. A task that dies is seen in
-PostgreSQL (core.jobs.chunks), and the reaper (beat, and each worker as it starts) splits its
-chunk to isolate a poison entry and revives jobs whose messages were lost altogether.
+idempotent against PostgreSQL. Time limits stay below the broker's redelivery timeout (Redis's
+visibility timeout, RabbitMQ's consumer timeout), so a slow task is never handed to a second
+worker while it still runs. A task that dies is seen in PostgreSQL (core.jobs.chunks), and the
+reaper (beat, and each worker as it starts) splits its chunk to isolate a poison entry and
+revives jobs whose messages were lost altogether.
+
+On RabbitMQ the job queue is a durable quorum queue (replicated, a message is confirmed to the
+publisher once a majority of nodes hold it: `confirm_publish`), bound to a topic exchange so
+that Celery's native delayed delivery carries countdown retries. Quorum queues have no message
+priorities; fhirq uses none.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import resource
 from typing import Any
 
 from celery import Celery
 from celery.signals import setup_logging, worker_init, worker_process_init, worker_ready
+from kombu import Exchange, Queue
 
-from core.config import get_settings
+from core.config import Settings, get_settings
 from core.logging import configure_logging
+from worker.broker import kind_of
+
+log = logging.getLogger(__name__)
 
 settings = jobs = get_settings()
 
-celery = Celery(
-    "fhirq",
-    broker=settings.redis_url or "redis://127.0.0.1:6379/0",
-    include=["worker.tasks"],
-)
+
+def broker_conf(cfg: Settings) -> dict[str, Any]:
+    """The Celery settings that follow from the broker and the queue (FHIRQ_BROKER_URL or
+    FHIRQ_REDIS_URL, FHIRQ_QUEUE, FHIRQ_CELERY_VISIBILITY_TIMEOUT)."""
+    redelivery = cfg.visibility_timeout
+    conf: dict[str, Any] = {
+        "broker_url": cfg.broker,
+        "task_default_queue": cfg.queue,
+        "task_soft_time_limit": min(cfg.transaction_time_limit, redelivery - 120),
+        "task_time_limit": min(cfg.transaction_time_limit + 60, redelivery - 60),
+    }
+    if kind_of(cfg.broker) != "rabbitmq":
+        return {**conf, "task_queues": None,
+                "broker_transport_options": {"visibility_timeout": redelivery}}
+    queue = Queue(
+        cfg.queue, Exchange(cfg.queue, type="topic", durable=True), routing_key=cfg.queue,
+        durable=True, queue_arguments={"x-queue-type": "quorum"},
+        # RabbitMQ (3.11.15 and later) takes a delivery unacknowledged for this long for a
+        # stuck consumer and closes its channel; its own default is 30 minutes, shorter than
+        # a transaction may run (FHIRQ_TRANSACTION_TIME_LIMIT).
+        consumer_arguments={"x-consumer-timeout": redelivery * 1000},
+    )
+    return {
+        **conf,
+        "task_queues": (queue,),
+        "task_default_exchange": cfg.queue,
+        "task_default_exchange_type": "topic",
+        "task_default_routing_key": cfg.queue,
+        "task_default_queue_type": "quorum",
+        # A queue named in a message but not configured here (another FHIRQ_QUEUE) likewise.
+        "task_create_missing_queue_type": "quorum",
+        "task_create_missing_queue_exchange_type": "topic",
+        "broker_transport_options": {"confirm_publish": True},
+    }
+
+
+celery = Celery("fhirq", include=["worker.tasks"])
 celery.conf.update(
     task_ignore_result=True,
     task_acks_late=True,
@@ -35,10 +79,6 @@ celery.conf.update(
     worker_prefetch_multiplier=1,
     task_serializer="json",
     accept_content=["json"],
-    task_default_queue=jobs.queue,
-    broker_transport_options={"visibility_timeout": jobs.visibility_timeout},
-    task_soft_time_limit=min(jobs.transaction_time_limit, jobs.visibility_timeout - 120),
-    task_time_limit=min(jobs.transaction_time_limit + 60, jobs.visibility_timeout - 60),
     broker_connection_retry_on_startup=True,
     # A pool process that grew past half its address-space cap is replaced after its task.
     worker_max_memory_per_child=(jobs.worker_memory_mb * 1024 // 2) or None,
@@ -55,6 +95,7 @@ celery.conf.update(
             "options": {"expires": jobs.retention_interval},
         },
     },
+    **broker_conf(settings),
 )
 
 
@@ -108,6 +149,36 @@ def _reap_on_start(sender: Any, **_: Any) -> None:
     instead of at the reaper's next round."""
     sender.app.send_task("fhirq.reap", kwargs={"starting": True}, queue=jobs.queue)
 
+
+# The first RabbitMQ that honours a consumer's own `x-consumer-timeout`.
+CONSUMER_TIMEOUT_SINCE = (3, 11, 15)
+
+
+@worker_ready.connect
+def _check_consumer_timeout(sender: Any, **_: Any) -> None:
+    """An older RabbitMQ ignores the queue's `x-consumer-timeout` and applies its server-wide
+    `consumer_timeout` (30 minutes unless configured): a task running longer has its channel
+    closed and is delivered again. Say so once, at start, with what to set."""
+    if kind_of(sender.app.conf.broker_url) != "rabbitmq":
+        return
+    try:
+        with sender.app.connection_for_read() as conn:
+            conn.connect()
+            raw = conn.connection.server_properties.get("version", "")
+    except Exception:  # noqa: BLE001 - the worker's own connection reports broker trouble
+        return
+    version = raw.decode() if isinstance(raw, bytes) else str(raw)
+    try:
+        parts = tuple(int(p) for p in version.split(".")[:3])
+    except ValueError:
+        return
+    if parts < CONSUMER_TIMEOUT_SINCE:
+        log.warning(
+            "RabbitMQ %s ignores the job queue's x-consumer-timeout: set consumer_timeout = %d "
+            "in its rabbitmq.conf (FHIRQ_CELERY_VISIBILITY_TIMEOUT in ms), or a task running "
+            "past its consumer_timeout (30 minutes by default) is delivered again",
+            version, get_settings().visibility_timeout * 1000,
+        )
 
 
 def _weekly_slots() -> dict[str, Any]:

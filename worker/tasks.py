@@ -18,7 +18,6 @@ from billiard import pool as billiard_pool
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import task_postrun, task_prerun
-from kombu.exceptions import ChannelError
 from psycopg2 import errors as pg_errors
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
@@ -42,6 +41,7 @@ from core.jobs.callback import deliver, delivery_time_limit, retry_delay
 from core.jobs.control import recover_chunks
 from core.logging import bind, reset
 from core.store.db import get_engine
+from worker.broker import broker_for
 from worker.celery_app import celery
 
 __all__ = ["JobTask", "enqueue"]
@@ -162,14 +162,11 @@ reaper.retry_on_disconnect = False  # the next round comes anyway
 def queue_empty() -> bool:
     """True if the job queue holds no message (no task can be waiting there for a job); False
     when the broker cannot tell."""
-    queue = get_settings().queue
+    cfg = get_settings()
     try:
-        with celery.connection_for_read() as conn:
-            return conn.default_channel.queue_declare(queue=queue, passive=True).message_count == 0
-    except ChannelError:
-        return True  # no such queue: nothing in it
+        return broker_for(cfg.broker).queue_stats(cfg.queue).waiting == 0
     except Exception:  # noqa: BLE001 - any broker trouble: assume busy, wait for the stall
-        log.warning("could not read the depth of queue %s", queue, exc_info=True)
+        log.warning("could not read the depth of queue %s", cfg.queue, exc_info=True)
         return False
 
 
