@@ -11,7 +11,7 @@ test:  ## the test suite (FHIRQ_TEST_DATABASE_URL / FHIRQ_TEST_REDIS_URL, else e
 	pytest
 
 test-faults:  ## the fault suite, slow cases included, and its table (README, Faults)
-	python -m pytest -m faults -p no:cacheprovider tests/test_faults.py
+	python -m pytest -m faults -p no:cacheprovider tests/test_faults.py tests/test_faults_network.py
 
 lint:
 	ruff check .

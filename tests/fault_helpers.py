@@ -90,10 +90,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         return
     tr = terminalreporter
     tr.section("faults: time from fault to completed job, entries lost and duplicated")
-    tr.write_line(f"{'fault':<34} {'entries':>7} {'to completed s':>14} {'longest stall s':>15}"
+    tr.write_line(f"{'fault':<46} {'entries':>7} {'to completed s':>14} {'longest stall s':>15}"
                   f" {'lost':>5} {'duplicated':>10}")
     for r in results:
-        tr.write_line(f"{r.fault:<34} {r.entries:>7} {r.seconds:>14.1f} {r.stall:>15.1f}"
+        tr.write_line(f"{r.fault:<46} {r.entries:>7} {r.seconds:>14.1f} {r.stall:>15.1f}"
                       f" {r.lost:>5} {r.duplicated:>10}")
 
 
@@ -400,8 +400,18 @@ class Stack:
         """Check in SQL that the job ended completed, that each innocent entry made exactly one
         resource with one version (and each poison entry none, with a 500), and that the job's
         counts are the entries' results; record the times. Asserts lost = duplicated = 0."""
-        self.wait_completed(job_id)
         q = self.sql
+        try:
+            self.wait_completed(job_id, timeout=fault_at + RECOVERY_BOUND + 60 - time.time())
+        except AssertionError:
+            pending = q("SELECT total - done FROM job WHERE id = :id", id=job_id)
+            results.append(FaultResult(f"{fault} (NOT COMPLETED)", n, float("inf"),
+                                       float("inf"), int(pending), 0))
+            chunks = q("SELECT coalesce(string_agg(row(c.*)::text, '; '), '') FROM job_chunk c "
+                       "WHERE job_id = :id", id=job_id)
+            raise AssertionError(f"{fault}: job {job_id} still has {pending} entries pending "
+                                 f"{RECOVERY_BOUND + 60:.0f} s after the fault; its chunks: "
+                                 f"{chunks}\n{self.worker.tail(60)}") from None
         state = q("SELECT state FROM job WHERE id = :id", id=job_id)
         # Resources per entry, found by the identifier `tag-i` each entry carries.
         per_entry = """
