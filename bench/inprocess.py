@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> None:
             entries = sum(len(b) for b in bundles[1:])
             jobs = [_accept(engine, b, args.chunk_size) for b in bodies]
             with engine.begin() as conn:
-                run_transaction_job(conn, jobs.pop(0))
+                run_transaction_job(conn, jobs.pop(0), engine.begin)
         else:
             bundles = []
             bodies = [data.batch_body(data.patients(args.entries))]
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> None:
             jobs = [_accept(engine, bodies[0], args.chunk_size)]
             warm = _accept(engine, data.batch_body(data.patients(10)), args.chunk_size)
             with engine.begin() as conn:
-                run_chunk(conn, warm, 0)
+                run_chunk(conn, warm, 0, engine.begin)
         del bundles  # only the bodies stay, as bytes
         gc.collect()
         print(f"objects the collector tracks: {len(gc.get_objects()):,}")
@@ -147,9 +147,9 @@ def run(args: argparse.Namespace) -> None:
                 while True:
                     with engine.begin() as conn:
                         if args.transactions:
-                            run_transaction_job(conn, job_id)
+                            run_transaction_job(conn, job_id, engine.begin)
                             break
-                        if not run_chunk(conn, job_id, 0):
+                        if not run_chunk(conn, job_id, 0, engine.begin):
                             break
             if profiler is not None:
                 profiler.stop()
