@@ -514,3 +514,17 @@ def test_reference_errors_in_a_batch_name_the_element(client: Any, clean_db: Any
     assert r.status_code == 200, r.json
     outcome = r.json["entry"][1]["response"]["outcome"]
     assert outcome["issue"][0]["expression"] == ["Bundle.entry[1].resource.subject.reference"]
+
+
+def test_a_batch_scan_skips_resources_without_any_reference_key() -> None:
+    from core.fhir.references import scan_references
+
+    plain = {"resourceType": "Patient", "name": [{"family": "reference"}],
+             "identifier": [{"value": "urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a"}]}
+    assert scan_references(plain, uris=False).references == []
+    linked = {"resourceType": "Patient", "contained": [{
+        "resourceType": "Observation", "status": "final", "code": {"text": "x"},
+        "subject": {"reference": "Patient?identifier=s|v"}}],
+        "managingOrganization": {"reference": "Organization/o1"}}
+    assert sorted(scan_references(linked, uris=False).references) == sorted(
+        scan_references(linked).references) == ["Organization/o1", "Patient?identifier=s|v"]

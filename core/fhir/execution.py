@@ -323,7 +323,8 @@ def _resolve_references(
         if s.result is None and s.resource is not None and s.kind != "patch":
             # One scan per resource: the references found here serve every later check.
             try:
-                scan = scan_references(s.resource, expression=f"{s.expr}.resource")
+                scan = scan_references(s.resource, expression=f"{s.expr}.resource",
+                                       uris=placeholders is not None)
             except FhirError as err:
                 fail(s, err)
                 continue
