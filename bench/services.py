@@ -57,16 +57,9 @@ def _postgres_answers(url: str) -> bool:
 
 
 def _redis_answers(url: str) -> bool:
-    import redis
+    from worker.broker import broker_for
 
-    client = redis.Redis.from_url(redis_client_url(url), socket_timeout=2,
-                                  socket_connect_timeout=2)
-    try:
-        return bool(client.ping())
-    except (redis.RedisError, OSError):
-        return False
-    finally:
-        client.close()
+    return broker_for(url).problem() is None
 
 
 def _admin(admin_url: str, statement: str, database: str) -> None:

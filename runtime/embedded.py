@@ -36,6 +36,7 @@ __all__ = [
     "embedded_services",
     "postgres_running",
     "postgres_url",
+    "redis_answers",
     "redis_running",
     "redis_socket",
     "server_processes",
@@ -255,7 +256,8 @@ def _redis_process(rdir: Path) -> psutil.Process | None:
     return None
 
 
-def _ping(sock: Path) -> bool:
+def redis_answers(sock: Path) -> bool:
+    """Whether a redis-server answers PING on unix socket `sock`."""
     import redis
 
     client = redis.Redis(unix_socket_path=str(sock), socket_timeout=2, retry=None)
@@ -287,7 +289,7 @@ def start_redis(data_dir: str | Path, timeout: float = 15) -> tuple[str, Stop]:
     )
     try:
         deadline = time.monotonic() + timeout
-        while not (sock.exists() and _ping(sock)):
+        while not (sock.exists() and redis_answers(sock)):
             if proc.poll() is not None or time.monotonic() > deadline:
                 log = rdir / "redis.log"
                 tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""

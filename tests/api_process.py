@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -27,13 +28,17 @@ class ApiProcess:
 
 
 @contextmanager
-def api_process(env: dict[str, str], workers: int, threads: int) -> Iterator[ApiProcess]:
+def api_process(env: dict[str, str], workers: int, threads: int,
+                log: Path | None = None) -> Iterator[ApiProcess]:
+    """The API on a free port until the block ends; its output goes to `log` when given (and
+    its end is shown if it does not come up)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     argv = api_argv("127.0.0.1", port, workers, threads, ["--no-control-socket"])
-    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(log or os.devnull, "ab") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env},
+                                start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -43,7 +48,8 @@ def api_process(env: dict[str, str], workers: int, threads: int) -> Iterator[Api
             return False
 
     try:
-        wait_for(up, 30, "the API")
+        wait_for(up, 60, "the API",
+                 on_timeout=lambda: log.read_text()[-3000:] if log else "")
         yield ApiProcess(url, port, proc)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

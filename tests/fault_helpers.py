@@ -35,6 +35,7 @@ import psycopg2
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
+from runtime import embedded
 from tests.jobs_helpers import ApiServer, WorkerProcess, patients_batch, wait_for
 
 __all__ = [
@@ -134,18 +135,7 @@ class RedisServer:
                                       str(self.dir / "redis.conf")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
-        import redis
-
-        def up() -> bool:
-            client = redis.Redis(unix_socket_path=str(self.sock), socket_timeout=2)
-            try:
-                return bool(client.ping())
-            except (redis.RedisError, OSError):
-                return False
-            finally:
-                client.close()
-
-        wait_for(up, 30, "redis-server to start")
+        wait_for(lambda: embedded.redis_answers(self.sock), 30, "redis-server to start")
         return self
 
     def kill(self) -> None:

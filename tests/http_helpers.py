@@ -3,27 +3,17 @@ for requests no HTTP library would send."""
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from runtime import procutil
-from runtime.processes import api_argv
+from tests.api_process import api_process
 
 __all__ = ["exchange", "get", "gunicorn_api"]
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def exchange(port: int, raw: bytes, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
@@ -61,31 +51,7 @@ def get(port: int, target: str, *headers: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def gunicorn_api(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    port = _free_port()
     log = tmp_path_factory.mktemp("gunicorn") / "api.log"
-    env = {
-        **os.environ,
-        "FHIRQ_DATABASE_URL": db_url,
-        "FHIRQ_AUTH": "off",
-        "PYTHONPATH": str(ROOT),
-    }
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            api_argv("127.0.0.1", port, 1, 2), cwd=ROOT, env=env, stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if exchange(port, get(port, "/healthz"), timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
-        yield port
-    finally:
-        procutil.terminate_tree(proc.pid, timeout=10)
-        proc.wait()
+    env = {"FHIRQ_DATABASE_URL": db_url, "FHIRQ_AUTH": "off", "PYTHONPATH": str(ROOT)}
+    with api_process(env, 1, 2, log) as api:
+        yield api.port

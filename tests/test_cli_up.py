@@ -202,15 +202,7 @@ def test_up_restarts_a_dead_worker_api_and_redis(tmp_path: Path) -> None:
         api = _main_process(up, "gunicorn")
         api.kill()
         _wait_log(log, "fhirq: API restarted")
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+        _wait_ready(up, base, log)  # the banner is in the log already: /healthz again
 
         # The embedded Redis killed: started again on the same socket; the others reconnect.
         redis_server = next(p for p in embedded.server_processes(data_dir)
