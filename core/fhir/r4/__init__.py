@@ -27,11 +27,12 @@ of HL7's R4 release, and committed; nothing here needs the network. Each is gzip
     systems are defined in the spec, complete, and selected without filters); the value sets
     it does not enumerate (UCUM, BCP-13 mime types, currencies, ...) are listed apart and not
     checked.
-`search.json.gz` — `{"searchParameters": {base: [[code, type, expression], ...]}}`
+`search.json.gz` — `{"searchParameters": {base: [[code, type, expression(, targets)], ...]}}`
     Every R4 SearchParameter under each of its base types ("Resource" and "DomainResource" for
     the common ones), sorted by code; `type` is the SearchParameter type (token, reference,
     ...); `expression` the FHIRPath, keeping of a shared expression ("Patient.name |
-    Person.name") only the parts of this base. Read by nothing yet; meant for search.
+    Person.name") only the parts of this base; a reference parameter's row has a fourth
+    column, its target resource types (sorted). Read by `core.fhir.search_registry`.
 `source.json`
     The package they came from, its version, the FHIR version, and the sha256 of every input
     and output file.
@@ -45,7 +46,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SOURCE", "search_parameters", "source", "types", "value_sets"]
+__all__ = ["SOURCE", "search_parameters", "search_targets", "source", "types", "value_sets"]
 
 _HERE = Path(__file__).parent
 SOURCE = _HERE / "source.json"
@@ -74,7 +75,16 @@ def value_sets() -> dict[str, dict[str, frozenset[str]]]:
 def search_parameters() -> dict[str, list[tuple[str, str, str]]]:
     """{base type: [(code, type, expression), ...]} of every R4 search parameter."""
     return {
-        base: [(code, kind, expression) for code, kind, expression in rows]
+        base: [(row[0], row[1], row[2]) for row in rows]
+        for base, rows in _load("search.json.gz")["searchParameters"].items()
+    }
+
+
+@cache
+def search_targets() -> dict[str, dict[str, tuple[str, ...]]]:
+    """{base type: {code: target types}} of every R4 reference search parameter."""
+    return {
+        base: {row[0]: tuple(row[3]) for row in rows if len(row) > 3}
         for base, rows in _load("search.json.gz")["searchParameters"].items()
     }
 

@@ -302,18 +302,21 @@ def _concepts(concepts: list[dict[str, Any]]) -> Iterable[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _search(bundle: dict[str, Any]) -> dict[str, list[list[str]]]:
+def _search(bundle: dict[str, Any]) -> dict[str, list[list[Any]]]:
     """{base type: [[code, type, expression], ...]}: each parameter under every base, with
-    only the parts of a shared expression ("Patient.name | Person.name") that are its own."""
-    out: dict[str, list[list[str]]] = {}
+    only the parts of a shared expression ("Patient.name | Person.name") that are its own.
+    A reference parameter's row carries a fourth column: its target types, sorted."""
+    out: dict[str, list[list[Any]]] = {}
     for e in bundle["entry"]:
         p = e["resource"]
         if p.get("version") != FHIR_VERSION:
             continue  # a later release's parameter added by the package
         for base in p["base"]:
-            out.setdefault(base, []).append(
-                [p["code"], p["type"], _own_expression(p.get("expression") or "", base)]
-            )
+            expression = _own_expression(p.get("expression") or "", base)
+            row: list[Any] = [p["code"], p["type"], expression]
+            if p["type"] == "reference":
+                row.append(sorted(set(p.get("target") or ())))
+            out.setdefault(base, []).append(row)
     return {base: sorted(rows) for base, rows in sorted(out.items())}
 
 
