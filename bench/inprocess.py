@@ -83,14 +83,28 @@ def accounting(engine: Engine) -> Iterator[Accounting]:
             acc.gc_seconds += time.perf_counter() - gc_start.pop()
             acc.gc_collections[info["generation"]] += 1
 
+    from core.store import bulk
+
+    copy_in = bulk.copy_in
+
+    def timed_copy(conn: Any, sql: str, *args: Any, **kwargs: Any) -> None:
+        # COPYs go straight to the driver's cursor, past SQLAlchemy's events.
+        before(conn, None, sql)
+        try:
+            copy_in(conn, sql, *args, **kwargs)
+        finally:
+            after(conn, None, sql)
+
     event.listen(engine, "before_cursor_execute", before)
     event.listen(engine, "after_cursor_execute", after)
+    bulk.copy_in = timed_copy  # type: ignore[assignment]
     gc.callbacks.append(on_gc)
     t0 = time.perf_counter()
     try:
         yield acc
     finally:
         acc.wall = time.perf_counter() - t0
+        bulk.copy_in = copy_in  # type: ignore[assignment]
         gc.callbacks.remove(on_gc)
         event.remove(engine, "before_cursor_execute", before)
         event.remove(engine, "after_cursor_execute", after)

@@ -50,14 +50,16 @@ class Usage:
 
 _LABELS = (
     ("INSERT INTO resource AS r", "upsert resource+history+strings"),
+    ("ts AS (SELECT clock_timestamp() AS at)", "create resource+history+strings"),
+    ("COPY resource_stage", "COPY resources to stage"),
     ("FOR UPDATE SKIP LOCKED", "claim job entries"),
-    ("UPDATE job_entry e SET", "write entry results"),
+    ("COPY job_result", "COPY entry results"),
     ("UPDATE job SET", "update job row"),
     ("pg_advisory_xact_lock", "advisory locks"),
     ("FROM resource r JOIN unnest", "read resources by key"),
     ("COPY job_entry", "COPY entries (accept)"),
     ("UPDATE resource r SET", "delete resources"),
-    ("FROM job_entry WHERE job_id", "read job entries"),
+    ("FROM job_entry e WHERE e.job_id", "read job entries"),
 )
 
 

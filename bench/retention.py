@@ -1,5 +1,5 @@
-"""Retention figures: what one finished job of N entries keeps on disk in `job_entry`, and what a
-purge (core.jobs.retention) frees and takes.
+"""Retention figures: what one finished job of N entries keeps on disk in `job_entry` and
+`job_result`, and what a purge (core.jobs.retention) frees and takes.
 
     python -m bench.retention [--entries 1000000]
 
@@ -21,12 +21,13 @@ from bench.services import bench_services
 
 def _size(engine: Engine) -> int:
     with engine.connect() as c:
-        return int(c.execute(text("SELECT pg_total_relation_size('job_entry')")).scalar_one())
+        return int(c.execute(text("SELECT pg_total_relation_size('job_entry') "
+                                  "+ pg_total_relation_size('job_result')")).scalar_one())
 
 
 def _vacuum(engine: Engine) -> None:
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.execute(text("VACUUM job_entry"))
+        c.execute(text("VACUUM job_entry, job_result"))
 
 
 def fill(engine: Engine, entries: int) -> str:
@@ -39,8 +40,7 @@ def fill(engine: Engine, entries: int) -> str:
                     now() - interval '8 days')
         """), {"id": job_id, "n": entries})
         c.execute(text("""
-            INSERT INTO job_entry (job_id, idx, request, status, location, etag, last_modified,
-                                   res_type, res_id, res_version, finished_at)
+            INSERT INTO job_entry (job_id, idx, request)
             SELECT :id, i,
                    json_build_object(
                      'request', json_build_object('method', 'POST', 'url', 'Patient'),
@@ -52,10 +52,13 @@ def fill(engine: Engine, entries: int) -> str:
                          'family', 'Family' || i, 'given', json_build_array('Given' || i))),
                        'address', json_build_array(json_build_object(
                          'line', json_build_array(repeat('x', 600)), 'city', 'Springfield')),
-                       'birthDate', '1970-01-01', 'gender', 'unknown')),
-                   201, 'Patient/' || i || '/_history/1', 'W/"1"', now(),
-                   'Patient', i::text, 1, now()
+                       'birthDate', '1970-01-01', 'gender', 'unknown'))
             FROM generate_series(0, :n - 1) AS i
+        """), {"id": job_id, "n": entries})
+        c.execute(text("""
+            INSERT INTO job_result (job_id, idx, status, last_modified, res_type, res_id,
+                                    res_version)
+            SELECT :id, i, 201, now(), 'Patient', i::text, 1 FROM generate_series(0, :n - 1) i
         """), {"id": job_id, "n": entries})
     return job_id
 
@@ -74,7 +77,7 @@ def main() -> None:
         fill(engine, args.entries)
         _vacuum(engine)
         filled = _size(engine)
-        print(f"job_entry for one finished job of {args.entries:,} entries: "
+        print(f"job_entry + job_result for one finished job of {args.entries:,} entries: "
               f"{filled / 2**20:,.0f} MiB ({(filled - empty) / args.entries:,.0f} bytes an "
               f"entry; written in {time.perf_counter() - t:.1f} s)")
         t = time.perf_counter()
@@ -85,7 +88,7 @@ def main() -> None:
         vacuumed = _size(engine)
         print(f"purge: {done.entries:,} entries in {seconds:.1f} s "
               f"({done.entries / seconds:,.0f}/s, batches of 20,000, each its own transaction)")
-        print(f"job_entry after the purge: {after / 2**20:,.0f} MiB; after VACUUM (as "
+        print(f"job_entry + job_result after the purge: {after / 2**20:,.0f} MiB; after VACUUM (as "
               f"autovacuum does): {vacuumed / 2**20:,.1f} MiB")
         engine.dispose()
 

@@ -14,7 +14,7 @@ All gauges:
 | `fhirq_metrics_source_up{source}` | 1 if `postgresql` / the broker (`redis`, `rabbitmq`) replied |
 
 Each scrape costs a few milliseconds: one aggregate over `job` (a row per job, not per entry),
-and at most `RATE_SAMPLE` index entries of `ix_job_entry_finished`; the broker is asked by the
+and at most `RATE_SAMPLE` index entries of `ix_job_result_finished`; the broker is asked by the
 `QueueReader` the edge passes in (worker.broker: list lengths in Redis, a passive queue declare
 in RabbitMQ), so this module knows no broker. A source that fails is reported by
 `fhirq_metrics_source_up` and leaves its metrics out, never the whole scrape.
@@ -51,11 +51,10 @@ SELECT state, count(*) AS jobs, sum(succeeded) AS succeeded, sum(failed) AS fail
 FROM job GROUP BY state
 """
 
-# Backward over ix_job_entry_finished from now: `finished_at > …` implies the partial index's
-# `finished_at IS NOT NULL`.
+# Backward over ix_job_result_finished from now.
 _RECENT = """
 SELECT count(*) AS n, extract(epoch FROM now() - min(finished_at)) AS span
-FROM (SELECT finished_at FROM job_entry
+FROM (SELECT finished_at FROM job_result
       WHERE finished_at > now() - make_interval(secs => :window)
       ORDER BY finished_at DESC LIMIT :sample) recent
 """

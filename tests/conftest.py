@@ -7,6 +7,7 @@ runs never share state.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 
@@ -25,9 +26,9 @@ REDIS_URL = _SERVICES.redis_url
 BROKER_URL = os.environ.get("FHIRQ_TEST_BROKER_URL") or REDIS_URL
 
 
-@pytest.fixture(scope="session")
-def db_url() -> Iterator[str]:
-    name = f"fhirq_test_{os.getpid()}"
+@contextlib.contextmanager
+def fresh_database(name: str, revision: str = "head") -> Iterator[str]:
+    """A new database `name` migrated to `revision`, dropped afterwards; yields its URL."""
     admin = psycopg2.connect(ADMIN_URL)
     admin.autocommit = True
     with admin.cursor() as cur:
@@ -36,15 +37,23 @@ def db_url() -> Iterator[str]:
     url = database_url(ADMIN_URL, name)
     from core.store.migrate import upgrade
 
-    upgrade(url)
-    os.environ["FHIRQ_DATABASE_URL"] = url
-    yield url
-    from core.store.db import get_engine
+    upgrade(url, revision)
+    try:
+        yield url
+    finally:
+        from core.store.db import get_engine
 
-    get_engine.cache_clear()
-    with admin.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
+        get_engine.cache_clear()
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def db_url() -> Iterator[str]:
+    with fresh_database(f"fhirq_test_{os.getpid()}") as url:
+        os.environ["FHIRQ_DATABASE_URL"] = url
+        yield url
 
 
 @pytest.fixture(scope="session")

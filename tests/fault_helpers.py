@@ -37,6 +37,7 @@ from sqlalchemy.exc import OperationalError
 
 from runtime import embedded
 from tests.jobs_helpers import ApiServer, WorkerProcess, patients_batch, wait_for
+from tests.store_sql import CURRENT, ENTRIES
 
 __all__ = [
     "FaultResult",
@@ -362,11 +363,11 @@ class Stack:
     def results(self, job_id: str) -> str:
         """The job's results by status, and the first failure's outcome (for a failure)."""
         return self.sql(
-            """
+            f"""
             SELECT string_agg(coalesce(status::text, 'none') || ': ' || n, ', ')
-                   || ' | ' || coalesce((SELECT outcome::text FROM job_entry
+                   || ' | ' || coalesce((SELECT outcome::text FROM job_result
                                          WHERE job_id = :id AND status >= 400 LIMIT 1), '')
-            FROM (SELECT status, count(*) AS n FROM job_entry WHERE job_id = :id
+            FROM (SELECT status, count(*) AS n FROM {ENTRIES} e WHERE job_id = :id
                   GROUP BY status) s
             """, id=job_id)
 
@@ -408,7 +409,7 @@ class Stack:
             WITH e AS (SELECT g AS idx FROM generate_series(0, :n - 1) g),
             r AS (SELECT (regexp_match(content #>> '{identifier,0,value}', '-(\\d+)$'))[1]::int
                          AS idx, res_id
-                  FROM resource WHERE res_type = 'Patient'
+                  FROM """ + CURRENT + """ c WHERE res_type = 'Patient'
                     AND content #>> '{identifier,0,value}' LIKE :prefix)
             SELECT e.idx, count(r.res_id) AS made FROM e LEFT JOIN r USING (idx) GROUP BY e.idx
         """
@@ -426,7 +427,7 @@ class Stack:
             """
             SELECT coalesce(max(gap), 0) FROM (
                 SELECT extract(epoch FROM t - lag(t) OVER (ORDER BY t)) AS gap FROM (
-                    SELECT DISTINCT finished_at AS t FROM job_entry
+                    SELECT DISTINCT finished_at AS t FROM job_result
                     WHERE job_id = :id AND finished_at >= to_timestamp(:t0)
                     UNION SELECT to_timestamp(:t0)
                     UNION SELECT finished_at FROM job WHERE id = :id
@@ -441,13 +442,13 @@ class Stack:
         assert state == "completed", self.worker.tail(100)
         assert (lost, duplicated) == (0, 0), (result, self.results(job_id))
         # Every entry has exactly the result it should have.
-        assert q("SELECT count(*) FROM job_entry WHERE job_id = :id AND status IS NULL",
+        assert q(f"SELECT count(*) FROM {ENTRIES} e WHERE job_id = :id AND status IS NULL",
                  id=job_id) == 0
-        assert q("SELECT count(*) FROM job_entry WHERE job_id = :id AND status = 201 "
+        assert q("SELECT count(*) FROM job_result WHERE job_id = :id AND status = 201 "
                  "AND NOT idx = ANY(CAST(:p AS int[]))", id=job_id, p=list(poison)) == n - len(
                      poison)
         if poison:
-            assert q("SELECT count(*) FROM job_entry WHERE job_id = :id AND status = 500 "
+            assert q("SELECT count(*) FROM job_result WHERE job_id = :id AND status = 500 "
                      "AND idx = ANY(CAST(:p AS int[]))", id=job_id, p=list(poison)) == len(poison)
         # The job's counts are the entries' results.
         counts = q(
@@ -455,7 +456,7 @@ class Stack:
             SELECT row(j.total = :n AND j.done = e.done AND j.succeeded = e.ok
                        AND j.failed = e.done - e.ok AND e.done = :n AND e.ok = :ok)::text
             FROM job j, (SELECT count(status) AS done, count(*) FILTER (WHERE status < 400) AS ok
-                         FROM job_entry WHERE job_id = :id) e
+                         FROM job_result WHERE job_id = :id) e
             WHERE j.id = :id
             """, id=job_id, n=n, ok=n - len(poison))
         assert counts == "(t)", q("SELECT row(total, done, succeeded, failed)::text FROM job "

@@ -280,10 +280,11 @@ def assert_exactly_once(engine: Engine, job_id: str, n: int) -> None:
     assert scalar(engine, "SELECT count(*) FROM resource WHERE res_type = 'Patient'") == n
     assert scalar(engine, "SELECT count(*) FROM resource_history") == n
     assert scalar(engine, "SELECT count(DISTINCT tokens) FROM resource") == n
-    assert scalar(engine, "SELECT count(*) FROM job_entry WHERE job_id = :id AND status = 201",
+    assert scalar(engine, "SELECT count(*) FROM job_result WHERE job_id = :id AND status = 201",
                   id=job_id) == n
-    assert scalar(engine, "SELECT count(*) FROM job_entry WHERE job_id = :id "
-                          "AND status IS NULL", id=job_id) == 0
+    assert scalar(engine, "SELECT count(*) FROM job_entry e WHERE job_id = :id AND NOT EXISTS "
+                          "(SELECT 1 FROM job_result r WHERE r.job_id = e.job_id "
+                          "AND r.idx = e.idx)", id=job_id) == 0
     assert scalar(engine, "SELECT count(*) FROM job_chunk WHERE job_id = :id", id=job_id) == 0
 
 

@@ -14,6 +14,7 @@ from sqlalchemy import Engine, text
 from core.jobs import Submission, accept_job
 from tests.jobs_helpers import *  # noqa: F403 - fixtures
 from tests.jobs_helpers import job_id_of, patients_batch, scalar, submit, wait_job
+from tests.store_sql import CURRENT, ENTRIES
 
 
 def with_bom(body: Any) -> bytes:
@@ -27,7 +28,7 @@ def patient(family: str, **extra: Any) -> dict[str, Any]:
 def families(engine: Engine) -> list[str]:
     with engine.connect() as c:
         return sorted(c.execute(text(
-            "SELECT content->'name'->0->>'family' FROM resource WHERE res_type = 'Patient'"
+            f"SELECT content->'name'->0->>'family' FROM {CURRENT} r WHERE res_type = 'Patient'"
         )).scalars())
 
 
@@ -115,7 +116,7 @@ def test_intake_drops_the_mark_however_the_body_arrives(
         value = orjson.loads(plain)
         expected = value["entry"] if kind == "bundle" else value
     with clean_db.connect() as c:
-        rows = c.execute(text("SELECT request, status FROM job_entry WHERE job_id = :id "
+        rows = c.execute(text(f"SELECT request, status FROM {ENTRIES} e WHERE job_id = :id "
                               "ORDER BY idx"), {"id": acc.job_id}).all()
     assert [r.request for r in rows] == expected
     assert all(r.status is None for r in rows)

@@ -21,6 +21,7 @@ from sqlalchemy import Engine
 
 from tests.jobs_helpers import *  # noqa: F403 - fixtures
 from tests.jobs_helpers import ApiServer, WorkerProcess, quiesce, scalar
+from tests.store_sql import CURRENT
 
 CLIENTS = Path(__file__).resolve().parent / "clients"
 SYSTEM = "urn:fhirq:test"
@@ -53,7 +54,7 @@ def count(engine: Engine, system: str, value_prefix: str) -> int:
     """Live Patients carrying an identifier of `system` whose value starts with the prefix."""
     return scalar(
         engine,
-        "SELECT count(*) FROM resource WHERE res_type = 'Patient' AND NOT deleted AND EXISTS ("
+        f"SELECT count(*) FROM {CURRENT} r WHERE res_type = 'Patient' AND NOT deleted AND EXISTS ("
         "SELECT 1 FROM jsonb_array_elements(content->'identifier') i "
         "WHERE i->>'system' = :s AND i->>'value' LIKE :v)",
         s=system, v=value_prefix + "%",

@@ -97,7 +97,7 @@ def test_an_entry_that_kills_its_process(poison_stack: Stack) -> None:
     poison_stack.verdict("poison: entry kills its process", job_id, "exit", N, t0,
                          poison=(poison,))
     issue = poison_stack.sql(
-        "SELECT outcome #>> '{issue,0,diagnostics}' FROM job_entry "
+        "SELECT outcome #>> '{issue,0,diagnostics}' FROM job_result "
         "WHERE job_id = :id AND idx = :i", id=job_id, i=poison)
     assert "lost the worker process" in issue
 
@@ -110,7 +110,7 @@ def test_an_entry_past_the_time_limit(poison_stack: Stack) -> None:
     job_id = poison_stack.submit(poisoned_batch(N, "hang", {poison: "hang"}))
     poison_stack.verdict("poison: entry past the time limit", job_id, "hang", N, t0,
                          poison=(poison,))
-    code = poison_stack.sql("SELECT outcome #>> '{issue,0,code}' FROM job_entry "
+    code = poison_stack.sql("SELECT outcome #>> '{issue,0,code}' FROM job_result "
                             "WHERE job_id = :id AND idx = :i", id=job_id, i=poison)
     assert code == "timeout"
 

@@ -42,6 +42,7 @@ from sqlalchemy import Engine, text
 from tests.http_helpers import exchange, gunicorn_api  # noqa: F401 - a fixture
 from tests.jobs_helpers import *  # noqa: F403 - fixtures
 from tests.jobs_helpers import wait_job
+from tests.store_sql import CURRENT
 
 SEED = int(os.environ.get("FHIRQ_HOSTILE_SEED", "20261201"))
 EXAMPLES = int(os.environ.get("FHIRQ_HOSTILE_EXAMPLES", "1100"))
@@ -496,7 +497,7 @@ def judge(req: Req, response: Any) -> tuple[str, bool]:
 _CANARIES = text("""
 SELECT (SELECT json_agg(json_build_array(res_type, res_id, version, deleted, md5(content::text))
                         ORDER BY res_type, res_id)
-        FROM resource WHERE res_id LIKE 'canary-%')::text,
+        FROM """ + CURRENT + """ r WHERE res_id LIKE 'canary-%')::text,
        (SELECT count(*) || ' ' || coalesce(sum(version), 0)
         FROM resource_history WHERE res_id LIKE 'canary-%')
 """)

@@ -15,6 +15,7 @@ from core.jobs import Submission, accept_job
 from core.jobs.model import Dispatch
 from tests.jobs_helpers import *  # noqa: F403 - fixtures
 from tests.jobs_helpers import job_id_of, patients_batch, scalar, submit
+from tests.store_sql import ENTRIES
 
 
 def accept(engine: Engine, body: bytes, **kw: Any) -> Any:
@@ -28,7 +29,7 @@ def accept(engine: Engine, body: bytes, **kw: Any) -> Any:
 def entries(engine: Engine, job_id: str) -> list[Any]:
     with engine.connect() as c:
         return c.execute(
-            text("SELECT idx, request::text, status, outcome FROM job_entry "
+            text(f"SELECT idx, request::text, status, outcome FROM {ENTRIES} e "
                  "WHERE job_id = :id ORDER BY idx"), {"id": job_id}
         ).all()
 

@@ -85,7 +85,7 @@ def test_an_entry_past_the_time_limit_fails_alone(api: Any, poisoner: WorkerProc
     assert_exactly_once(clean_db, job_id, n - 2)
     # How long the innocent entries of the poisoned chunks waited, against a chunk's 5 s.
     waited = scalar(clean_db, "SELECT extract(epoch FROM max(e.finished_at) - j.created_at) "
-                              "FROM job_entry e JOIN job j ON j.id = e.job_id "
+                              "FROM job_result e JOIN job j ON j.id = e.job_id "
                               "WHERE e.job_id = :id AND e.status = 201 GROUP BY j.created_at",
                     id=job_id)
     print(f"time-limit poison: job of {n} done in {elapsed:.1f} s, "

@@ -161,7 +161,7 @@ def test_sigkill_mid_batch_loses_and_duplicates_nothing(
     assert scalar(clean_db, LIVE) == n
     assert scalar(clean_db, "SELECT count(*) FROM resource_history") == n
     assert scalar(clean_db, "SELECT count(DISTINCT tokens) FROM resource") == n
-    assert scalar(clean_db, "SELECT count(*) FROM job_entry WHERE status = 201") == n
+    assert scalar(clean_db, "SELECT count(*) FROM job_result WHERE status = 201") == n
 
 
 def test_lost_messages_are_reaped(api: Any, jobs_env: dict[str, str], worker: WorkerProcess,
@@ -192,7 +192,7 @@ def test_cancel_mid_job_stops_pending_entries(api: Any, worker: WorkerProcess,
     assert api.get(f"/fhir/_async/{job_id}").status_code == 404
     # Finished entries stay (and are listed); the rest never ran.
     assert scalar(clean_db, LIVE) == status["counts"]["done"]
-    assert scalar(clean_db, "SELECT count(*) FROM job_entry WHERE status IS NOT NULL") == (
+    assert scalar(clean_db, "SELECT count(*) FROM job_result") == (
         status["counts"]["done"])
     time.sleep(1)
     assert api.get(f"/jobs/{job_id}").json["counts"]["done"] == status["counts"]["done"]

@@ -111,11 +111,11 @@ def test_rate_counts_the_latest_entries_through_the_index(clean_db: Engine) -> N
             "VALUES ('busy', 'o', 'batch', 'running', 'http://x/fhir', 500, :n, :n)"
         ), {"n": n})
         c.execute(text(
-            "INSERT INTO job_entry (job_id, idx, status, finished_at) "
+            "INSERT INTO job_result (job_id, idx, status, finished_at) "
             "SELECT 'busy', i, 201, now() - i * interval '2 milliseconds' "
             "FROM generate_series(0, :last) i"
         ), {"last": n - 1})
-        c.execute(text("ANALYZE job_entry"))
+        c.execute(text("ANALYZE job_result"))
     s = collect(JobsCollector(get_settings(), lambda: clean_db, broker_for(REDIS_URL)))
     assert value(s, "fhirq_entries_per_second") == pytest.approx(500, rel=0.1)
 
@@ -124,7 +124,7 @@ def test_rate_counts_the_latest_entries_through_the_index(clean_db: Engine) -> N
     with clean_db.connect() as c:
         plan = "\n".join(r[0] for r in c.execute(
             text("EXPLAIN " + _RECENT), {"window": 60, "sample": RATE_SAMPLE}))
-    assert "ix_job_entry_finished" in plan and "Seq Scan" not in plan, plan
+    assert "ix_job_result_finished" in plan and "Seq Scan" not in plan, plan
 
 
 def test_queue_depth_counts_every_priority_list_of_the_queue() -> None:

@@ -461,9 +461,11 @@ def insert(
     iv = extract_index(res)
     conn.execute(
         text(
-            "INSERT INTO resource (res_type, res_id, version, last_updated, deleted, content,"
-            " tokens, date_lo, date_hi) VALUES (:t, :id, :v, :lu, :d, CAST(:c AS jsonb),"
-            " :tokens, :lo, :hi)"
+            "WITH h AS (INSERT INTO resource_history (res_type, res_id, version, last_updated,"
+            " deleted, method, content) VALUES (:t, :id, :v, :lu, :d, 'PUT', CAST(:c AS jsonb)))"
+            " INSERT INTO resource (res_type, res_id, version, last_updated, deleted,"
+            " content_hash, tokens, date_lo, date_hi) VALUES (:t, :id, :v, :lu, :d,"
+            " md5(CAST(:c AS jsonb)::text)::uuid, :tokens, :lo, :hi)"
         ),
         {
             "t": res["resourceType"],
@@ -774,10 +776,10 @@ N_OBSERVATIONS = 180_000
 LOAD_SQL = [
     # Patients: identifier, gender, birthdate, lastUpdated spread out.
     f"""
-    INSERT INTO resource (res_type, res_id, version, last_updated, content, tokens, date_lo,
-                          date_hi)
+    INSERT INTO resource (res_type, res_id, version, last_updated, content_hash, tokens,
+                          date_lo, date_hi)
     SELECT 'Patient', 'p' || i, 1, timestamptz '2020-01-01' + i * interval '1 minute',
-           jsonb_build_object('resourceType', 'Patient', 'id', 'p' || i),
+           md5(jsonb_build_object('resourceType', 'Patient', 'id', 'p' || i)::text)::uuid,
            ARRAY['identifier:http://hospital/mrn|' || i, 'identifier:*|' || i,
                  'identifier:http://hospital/mrn|', 'identifier:',
                  'gender:|' || g, 'gender:*|' || g, 'gender:'],
@@ -788,10 +790,10 @@ LOAD_SQL = [
     """,
     # Observations: subject/patient references, 50 codes, effective dates.
     f"""
-    INSERT INTO resource (res_type, res_id, version, last_updated, content, tokens, date_lo,
-                          date_hi)
+    INSERT INTO resource (res_type, res_id, version, last_updated, content_hash, tokens,
+                          date_lo, date_hi)
     SELECT 'Observation', 'o' || i, 1, timestamptz '2021-01-01' + i * interval '1 minute',
-           jsonb_build_object('resourceType', 'Observation', 'id', 'o' || i),
+           md5(jsonb_build_object('resourceType', 'Observation', 'id', 'o' || i)::text)::uuid,
            ARRAY['subject:Patient/p' || p, 'subject:p' || p, 'subject:',
                  'patient:Patient/p' || p, 'patient:p' || p, 'patient:',
                  'code:http://loinc.org|' || c, 'code:*|' || c, 'code:http://loinc.org|',
@@ -811,7 +813,14 @@ LOAD_SQL = [
          LATERAL (VALUES ('family', fam), ('name', fam), ('given', giv), ('name', giv))
                  AS v(param, value)
     """,
+    """
+    INSERT INTO resource_history (res_type, res_id, version, last_updated, deleted, method, content)
+    SELECT res_type, res_id, version, last_updated, false, 'POST',
+           jsonb_build_object('resourceType', res_type, 'id', res_id)
+    FROM resource
+    """,
     "ANALYZE resource",
+    "ANALYZE resource_history",
     "ANALYZE resource_string",
 ]
 

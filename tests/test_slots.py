@@ -26,6 +26,7 @@ from core.jobs.slots import (
 )
 from tests.jobs_helpers import *  # noqa: F403 - fixtures by name
 from tests.jobs_helpers import WorkerProcess, scalar, wait_for
+from tests.store_sql import CURRENT
 
 UTC_ZONE = ZoneInfo("UTC")
 NEW_YORK = ZoneInfo("America/New_York")
@@ -186,7 +187,7 @@ def test_run_creates_the_slots_of_a_schedule(conn: Connection, via: str) -> None
     run = _run(conn)
     assert (run.schedules, run.generated, len(run.entries)) == (1, 8, 8)
     slots = conn.execute(text(
-        "SELECT content FROM resource WHERE res_type = 'Slot' ORDER BY content->>'start'"
+        f"SELECT content FROM {CURRENT} r WHERE res_type = 'Slot' ORDER BY content->>'start'"
     )).scalars().all()
     assert [(s["start"], s["end"]) for s in slots[:2]] == [
         ("2024-03-04T09:00:00Z", "2024-03-04T09:30:00Z"),
@@ -218,7 +219,7 @@ def test_booked_and_deleted_slots_are_left_alone(conn: Connection) -> None:
     _run(conn)
     booked = slot_id("s1", datetime(2024, 3, 4, 9, tzinfo=UTC))
     gone = slot_id("s1", datetime(2024, 3, 4, 9, 30, tzinfo=UTC))
-    slot = conn.execute(text("SELECT content FROM resource WHERE res_id = :id"),
+    slot = conn.execute(text(f"SELECT content FROM {CURRENT} r WHERE res_id = :id"),
                         {"id": booked}).scalar_one()
     _store(conn, {**slot, "status": "busy"})
     execute_batch(conn, [(0, {"request": {"method": "DELETE", "url": f"Slot/{gone}"}})],
@@ -231,7 +232,8 @@ def test_booked_and_deleted_slots_are_left_alone(conn: Connection) -> None:
     assert (run.kept, len(run.entries)) == (2, 6)
     assert all(e["request"]["ifMatch"] == 'W/"1"' for e in run.entries)
     rows = dict(conn.execute(text(
-        "SELECT res_id, content->>'status' FROM resource WHERE res_type = 'Slot' AND NOT deleted"
+        f"SELECT res_id, content->>'status' FROM {CURRENT} r "
+        "WHERE res_type = 'Slot' AND NOT deleted"
     )).all())
     assert rows[booked] == "busy" and gone not in rows and len(rows) == 7
 

@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from core.fhir.engine import execute_batch, execute_transaction
 from core.fhir.model import Context
+from tests.store_sql import CURRENT
 
 DATA = Path(os.environ.get("FHIRQ_SYNTHEA_DIR", Path(__file__).parents[2] / "shared/data/synthea"))
 BATCHES = ["hospitalInformation1633536936158.json", "practitionerInformation1633536936158.json"]
@@ -59,7 +60,7 @@ def test_synthea_batches_then_patient_transactions(clean_db: Any) -> None:
     with clean_db.connect() as c:
         dangling = c.execute(
             text(
-                "SELECT count(*) FROM resource r, jsonb_path_query(r.content, "
+                f"SELECT count(*) FROM {CURRENT} r, jsonb_path_query(r.content, "
                 "'strict $.**.reference') ref WHERE ref #>> '{}' LIKE 'urn:uuid:%' "
                 "OR ref #>> '{}' LIKE '%?%'"
             )
@@ -70,7 +71,7 @@ def test_synthea_batches_then_patient_transactions(clean_db: Any) -> None:
         # Every Encounter's serviceProvider resolved to a stored Organization.
         orphans = c.execute(
             text(
-                "SELECT count(*) FROM resource e WHERE e.res_type = 'Encounter' AND NOT EXISTS ("
+                f"SELECT count(*) FROM {CURRENT} e WHERE e.res_type = 'Encounter' AND NOT EXISTS ("
                 " SELECT 1 FROM resource o WHERE o.res_type = 'Organization'"
                 " AND 'Organization/' || o.res_id = e.content->'serviceProvider'->>'reference')"
             )

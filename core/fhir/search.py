@@ -51,6 +51,7 @@ from core.fhir.search_params import (
     TokenClause,
     parse_query,
 )
+from core.store.repository import content_of
 from core.store.schema import resource as R
 from core.store.schema import resource_string as S
 
@@ -284,7 +285,7 @@ def _lookup(q: Query, limit: int) -> Select[Any]:
 
 
 def _page(q: Query, limit: int, offset: int) -> Select[Any]:
-    cols = (R.c.res_id, R.c.version, R.c.last_updated, R.c.content)
+    cols = (R.c.res_id, R.c.version, R.c.last_updated, content_of(R).label("content"))
     if not _fenced(q):
         return select(*cols).where(*_conditions(q)).order_by(R.c.res_id).limit(limit).offset(offset)
     m = _matches(q)
@@ -302,7 +303,7 @@ def _page_and_total(q: Query, limit: int, offset: int) -> Select[Any]:
     total = select(func.count().label("total")).select_from(m).subquery("t")
     page = select(m.c.res_id).order_by(m.c.res_id).limit(limit).offset(offset).subquery("page")
     rows = (
-        select(R.c.res_id, R.c.version, R.c.last_updated, R.c.content)
+        select(R.c.res_id, R.c.version, R.c.last_updated, content_of(R).label("content"))
         .join_from(page, R, and_(R.c.res_type == q.resource_type, R.c.res_id == page.c.res_id))
         .subquery("p")
     )
@@ -427,7 +428,7 @@ def _string_conditions(resource_type: str, c: StringClause) -> list[ColumnElemen
             )
         conds.append(
             func.jsonb_path_exists(
-                R.c.content,
+                content_of(R),
                 cast(literal(path), JSONPATH),
                 cast(literal({"v": c.originals}, JSONB), JSONB),
             )

@@ -86,7 +86,8 @@ WITH j AS (
 ), r AS (
     SELECT min(e.idx) AS lo, max(e.idx) AS hi FROM (
         SELECT e.idx FROM job_entry e, j
-        WHERE e.job_id = :job AND e.status IS NULL AND e.idx >= j.claimed_upto
+        WHERE e.job_id = :job AND e.idx >= j.claimed_upto
+          AND NOT EXISTS (SELECT 1 FROM job_result r WHERE r.job_id = e.job_id AND r.idx = e.idx)
         ORDER BY e.idx LIMIT :n
     ) e
 ), u AS (

@@ -94,10 +94,9 @@ def retry_failed(
     n = conn.execute(
         text(
             """
-            UPDATE job_entry SET status = NULL, location = NULL, etag = NULL,
-                last_modified = NULL, outcome = NULL, res_type = NULL, res_id = NULL,
-                res_version = NULL, resource = NULL, finished_at = NULL
-            WHERE job_id = :id AND status >= 400 AND request IS NOT NULL
+            DELETE FROM job_result r USING job_entry e
+            WHERE r.job_id = :id AND r.status >= 400
+              AND e.job_id = r.job_id AND e.idx = r.idx AND e.request IS NOT NULL
             """
         ),
         {"id": job_id},
@@ -216,8 +215,10 @@ def _unclaimed(conn: Connection, job_id: str, cursor: int, at_most: int) -> int:
         text(
             """
             SELECT count(*) FROM (
-                SELECT 1 FROM job_entry
-                WHERE job_id = :id AND status IS NULL AND idx >= :cursor LIMIT :n
+                SELECT 1 FROM job_entry e
+                WHERE e.job_id = :id AND e.idx >= :cursor AND NOT EXISTS (
+                    SELECT 1 FROM job_result r WHERE r.job_id = e.job_id AND r.idx = e.idx)
+                LIMIT :n
             ) e
             """
         ),
@@ -261,8 +262,9 @@ def recover_chunks(conn: Connection, inflight: int, job_id: str | None = None
         jobs.add(c.job_id)
         pending = conn.execute(
             text(
-                "SELECT idx FROM job_entry WHERE job_id = :job AND idx BETWEEN :lo AND :hi "
-                "AND status IS NULL ORDER BY idx"
+                "SELECT e.idx FROM job_entry e WHERE e.job_id = :job "
+                "AND e.idx BETWEEN :lo AND :hi AND NOT EXISTS (SELECT 1 FROM job_result r "
+                "WHERE r.job_id = e.job_id AND r.idx = e.idx) ORDER BY e.idx"
             ),
             {"job": c.job_id, "lo": c.lo, "hi": c.hi},
         ).scalars().all()
@@ -365,8 +367,8 @@ def _recount(conn: Connection, job_id: str) -> None:
             UPDATE job j SET done = c.done, succeeded = c.ok, failed = c.done - c.ok,
                 state = CASE WHEN c.done >= j.total THEN 'completed' ELSE j.state END,
                 finished_at = CASE WHEN c.done >= j.total THEN now() ELSE j.finished_at END
-            FROM (SELECT count(status) AS done, count(*) FILTER (WHERE status < 400) AS ok
-                  FROM job_entry WHERE job_id = :id) c
+            FROM (SELECT count(*) AS done, count(*) FILTER (WHERE status < 400) AS ok
+                  FROM job_result WHERE job_id = :id) c
             WHERE j.id = :id
             """
         ),

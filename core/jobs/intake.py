@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import tempfile
 import uuid
 from codecs import BOM_UTF8
 from collections.abc import Iterator
@@ -36,6 +37,9 @@ from core.jobs.model import Dispatch, JobKind
 __all__ = ["Accepted", "Submission", "accept_job", "initial_dispatches"]
 
 READ_SIZE = 1 << 20
+# The 400 results of NDJSON lines that are not JSON stay in memory up to this size, then spill
+# to a temporary file (a body of garbage lines must not cost memory in proportion).
+FAILURE_SPOOL = 8 << 20
 WHITESPACE = b" \t\r\n"
 
 
@@ -443,9 +447,11 @@ def _check_bundle(envelope: _Envelope) -> JobKind:
 
 
 def _load_ndjson(conn: Connection, job_id: str, source: _BodySource) -> tuple[int, int]:
-    """COPY one entry per non-blank line; a line that is not JSON is a 400 result at once."""
+    """COPY one entry per non-blank line; a line that is not JSON is a 400 result at once
+    (its `job_result` rows wait in a spooled file and follow in a second COPY)."""
     counts = {"total": 0, "failed": 0}
     prefix = job_id.encode() + b"\t"
+    failures = tempfile.SpooledTemporaryFile(max_size=FAILURE_SPOOL)  # noqa: SIM115
 
     def lines() -> Iterator[bytes]:
         rest = b""
@@ -472,9 +478,11 @@ def _load_ndjson(conn: Connection, job_id: str, source: _BodySource) -> tuple[in
                     expression=f"[{index}]",
                     code="structure",
                 )
-                row = b"\\N\t400\t" + _copy_escape(orjson.dumps(from_error(err))) + b"\tnow"
+                failures.write(prefix + str(index).encode() + b"\t400\t"
+                               + _copy_escape(orjson.dumps(from_error(err))) + b"\n")
+                row = b"\\N"
             else:
-                row = _copy_escape(line) + b"\t\\N\t\\N\t\\N"
+                row = _copy_escape(line)
             batch.append(prefix + str(index).encode() + b"\t" + row + b"\n")
             if len(batch) >= 256:
                 yield b"".join(batch)
@@ -482,9 +490,10 @@ def _load_ndjson(conn: Connection, job_id: str, source: _BodySource) -> tuple[in
         if batch:
             yield b"".join(batch)
 
-    _copy(
-        conn,
-        "COPY job_entry (job_id, idx, request, status, outcome, finished_at) FROM STDIN",
-        rows(),
-    )
+    with failures:
+        _copy(conn, "COPY job_entry (job_id, idx, request) FROM STDIN", rows())
+        if counts["failed"]:
+            failures.seek(0)
+            _copy(conn, "COPY job_result (job_id, idx, status, outcome) FROM STDIN",
+                  iter(lambda: failures.read(READ_SIZE), b""))
     return counts["total"], counts["failed"]

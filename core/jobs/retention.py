@@ -50,14 +50,21 @@ def prune_batch(conn: Connection, *, entry_days: float, summary_days: float,
     """), {"secs": entry_days * 86400, "n": JOBS_PER_BATCH})]
     entries = emptied = 0
     if jobs:
+        # The same entries from both tables: an entry's result goes with its request.
         entries = conn.execute(text("""
-            DELETE FROM job_entry WHERE (job_id, idx) IN (
-                SELECT job_id, idx FROM job_entry WHERE job_id = ANY(:jobs) LIMIT :batch)
+            WITH doomed AS (
+                SELECT job_id, idx FROM job_entry WHERE job_id = ANY(:jobs) LIMIT :batch
+            ), results AS (
+                DELETE FROM job_result r USING doomed d
+                WHERE r.job_id = d.job_id AND r.idx = d.idx
+            )
+            DELETE FROM job_entry e USING doomed d WHERE e.job_id = d.job_id AND e.idx = d.idx
         """), {"jobs": jobs, "batch": batch}).rowcount
         emptied = conn.execute(text("""
             UPDATE job SET entries_purged_at = now()
             WHERE id = ANY(:jobs)
               AND NOT EXISTS (SELECT 1 FROM job_entry e WHERE e.job_id = job.id)
+              AND NOT EXISTS (SELECT 1 FROM job_result r WHERE r.job_id = job.id)
         """), {"jobs": jobs}).rowcount
     deleted = conn.execute(text(f"""
         DELETE FROM job WHERE id IN (

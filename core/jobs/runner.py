@@ -3,10 +3,12 @@ transaction (the worker's task base commits it).
 
 A batch chunk claims up to `chunk_size` unclaimed pending entries in the chunk ledger
 (core.jobs.chunks, committed at once), runs them through `execute_batch`, and writes every
-result row with one set-based UPDATE, all in the same transaction as the entries' effects and
-the deletion of its ledger row: if the task dies, nothing of the chunk is committed, its entries
-are pending again and its ledger row says it died (core.jobs.control.recover_chunks splits it
-until a poison entry is alone); if it is redelivered after commit, it finds them done.
+result row with one COPY into the insert-only `job_result`, all in the same transaction as the
+entries' effects and the deletion of its ledger row: if the task dies, nothing of the chunk is
+committed, its entries are pending again and its ledger row says it died
+(core.jobs.control.recover_chunks splits it until a poison entry is alone); if it is redelivered
+after commit, it finds them done (an entry with a result row is not pending, and the row's
+primary key refuses a second one).
 Exactly-once effect on at-least-once delivery.
 
 Each job has at most `inflight_chunks` chains of tasks: a chunk that found a full chunk of work
@@ -15,8 +17,9 @@ job's tasks queue behind only a few chunks of an earlier one. A task given a chu
 ledger row only (a piece of a failed chunk, with its own time limit) and does not chain.
 
 Representations are not stored twice: a result that is a stored version keeps only
-(type, id, version), and the response bundle re-reads it from `resource_history`. Resources that
-are no stored version (search Bundles, reads without a location) are kept in `job_entry`.
+(type, id, version) (its location and ETag are derived from them), and the response bundle
+re-reads it from `resource_history`. Resources that are no stored version (search Bundles,
+reads without a location) are kept in `job_result`.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from core.jobs import chunks, faults
 from core.jobs.chunks import Side, mark_failure
 from core.jobs.model import ACTIVE, Dispatch, TimeLimitExceeded
 from core.logging import bind
+from core.store import bulk
 from core.store.retry import in_savepoint
 
 __all__ = [
@@ -75,25 +79,16 @@ FROM job WHERE id = :id
 """
 
 _ENTRIES = """
-SELECT idx, request::text AS request FROM job_entry
-WHERE job_id = :id AND idx BETWEEN :lo AND :hi AND status IS NULL
-ORDER BY idx
+SELECT e.idx, e.request::text AS request FROM job_entry e
+WHERE e.job_id = :id AND e.idx BETWEEN :lo AND :hi
+  AND NOT EXISTS (SELECT 1 FROM job_result r WHERE r.job_id = e.job_id AND r.idx = e.idx)
+ORDER BY e.idx
 """
 
-_WRITE_RESULTS = """
-UPDATE job_entry e SET
-    status = v.status, location = v.location, etag = v.etag, last_modified = v.last_modified,
-    outcome = v.outcome::jsonb, res_type = v.res_type, res_id = v.res_id,
-    res_version = v.res_version, resource = v.resource::jsonb, finished_at = now()
-FROM unnest(
-    CAST(:idx AS int[]), CAST(:status AS int[]), CAST(:location AS text[]),
-    CAST(:etag AS text[]), CAST(:last_modified AS timestamptz[]), CAST(:outcome AS text[]),
-    CAST(:res_type AS text[]), CAST(:res_id AS text[]), CAST(:res_version AS int[]),
-    CAST(:resource AS text[])
-) AS v(idx, status, location, etag, last_modified, outcome, res_type, res_id, res_version,
-       resource)
-WHERE e.job_id = :job_id AND e.idx = v.idx
-"""
+_WRITE_RESULTS = (
+    "COPY job_result (job_id, idx, status, location, etag, last_modified, outcome, res_type, "
+    "res_id, res_version, resource) FROM STDIN"
+)
 
 # Counters and state move together, and only while the job is active: a cancelled job's
 # running chunk finds no row here and rolls back.
@@ -242,8 +237,8 @@ def fail_transaction(conn: Connection, job_id: str, err: FhirError | None, t0: d
     if index is not None:
         conn.execute(
             text(
-                "UPDATE job_entry SET status = :status, outcome = CAST(:outcome AS jsonb), "
-                "finished_at = now() WHERE job_id = :id AND idx = :idx"
+                "INSERT INTO job_result (job_id, idx, status, outcome) "
+                "VALUES (:id, :idx, :status, CAST(:outcome AS jsonb))"
             ),
             {"id": job_id, "idx": index, "status": status, "outcome": orjson.dumps(body).decode()},
         )
@@ -387,17 +382,16 @@ def _version_ref(location: str | None) -> tuple[str, str, int] | None:
 
 def write_results(conn: Connection, job_id: str, results: Sequence[EntryResult], kind: str,
                   prefer_return: str) -> None:
-    """One UPDATE for all result rows of a chunk."""
+    """One COPY of all result rows of a chunk into `job_result` (insert-only: a result is
+    never written twice)."""
     if not results:
         return
     wants_resource = kind == "upsert" or prefer_return == "representation"
     # A success's informational outcome ("Created") is only part of the answer under
     # Prefer: return=OperationOutcome; not storing it otherwise saves a JSONB per entry.
     wants_outcome = prefer_return == "OperationOutcome"
-    cols: dict[str, list[Any]] = {k: [] for k in (
-        "idx", "status", "location", "etag", "last_modified", "outcome",
-        "res_type", "res_id", "res_version", "resource",
-    )}
+    job = bulk.text(job_id)
+    lines: list[str] = []
     for r in results:
         ref = _version_ref(r.location)
         resource = r.resource
@@ -411,15 +405,18 @@ def write_results(conn: Connection, job_id: str, results: Sequence[EntryResult],
             ))
         ):
             keep = resource
-        cols["idx"].append(r.index)
-        cols["status"].append(r.status)
-        cols["location"].append(r.location)
-        cols["etag"].append(r.etag)
-        cols["last_modified"].append(r.last_modified)
+        location, etag = r.location, r.etag
+        ref_fields = (bulk.NULL,) * 3
+        if ref is not None:
+            ref_fields = (bulk.text(ref[0]), bulk.text(ref[1]), str(ref[2]))
+            # What core.jobs.views derives from the version needs no copy here.
+            if location == f"{ref[0]}/{ref[1]}/_history/{ref[2]}":
+                location = None
+            etag = None if etag == f'W/"{ref[2]}"' else (etag or "")
         outcome = r.outcome if (not r.ok or wants_outcome) else None
-        cols["outcome"].append(orjson.dumps(outcome).decode() if outcome else None)
-        cols["res_type"].append(ref[0] if ref else None)
-        cols["res_id"].append(ref[1] if ref else None)
-        cols["res_version"].append(ref[2] if ref else None)
-        cols["resource"].append(orjson.dumps(keep).decode() if keep is not None else None)
-    conn.execute(text(_WRITE_RESULTS), {"job_id": job_id, **cols})
+        lines.append("\t".join((
+            job, str(r.index), str(r.status), bulk.text(location), bulk.text(etag),
+            bulk.stamp(r.last_modified), bulk.json(outcome or None), *ref_fields,
+            bulk.json(keep),
+        )))
+    bulk.copy_in(conn, _WRITE_RESULTS, lines)

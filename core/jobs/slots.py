@@ -230,7 +230,8 @@ def _reference_key(ref: dict[str, Any]) -> tuple[str, str] | None:
 
 def _current(conn: Connection, resource_type: str) -> Iterator[dict[str, Any]]:
     rows = conn.execute(
-        select(R.c.content).where(and_(R.c.res_type == resource_type, R.c.deleted.is_(False)))
+        select(repo.content_of(R))
+        .where(and_(R.c.res_type == resource_type, R.c.deleted.is_(False)))
     )
     for (content,) in rows:
         if content.get("active") is not False:

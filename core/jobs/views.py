@@ -35,13 +35,22 @@ JOB_COLUMNS = """
     now() AS now
 """
 
+# An entry without a `job_result` row is pending.
 ENTRY_FILTERS = {
-    "failed": "AND status >= 400",
-    "succeeded": "AND status < 400",
-    "pending": "AND status IS NULL",
-    "done": "AND status IS NOT NULL",
+    "failed": "AND r.status >= 400",
+    "succeeded": "AND r.status < 400",
+    "pending": "AND r.job_id IS NULL",
+    "done": "AND r.job_id IS NOT NULL",
     None: "",
 }
+
+# A result's location and ETag, which core.jobs.runner.write_results leaves out when the stored
+# version it names gives them (an ETag of '' stands for none).
+_RESULT_COLUMNS = """
+    r.status, coalesce(r.location, r.res_type || '/' || r.res_id || '/_history/' || r.res_version)
+        AS location,
+    nullif(coalesce(r.etag, 'W/"' || r.res_version || '"'), '') AS etag,
+    r.last_modified"""
 
 
 # People copy job ids from progress bars and tables that show their first characters: any
@@ -159,9 +168,10 @@ def list_entries(
     """A page of per-entry results (keyset on the entry index), also while the job runs."""
     rows = conn.execute(
         text(
-            "SELECT idx, status, location, etag, last_modified, outcome FROM job_entry "
-            f"WHERE job_id = :id AND idx > :after {ENTRY_FILTERS[outcome]} "
-            "ORDER BY idx LIMIT :count"
+            f"SELECT e.idx, {_RESULT_COLUMNS}, r.outcome FROM job_entry e "
+            "LEFT JOIN job_result r ON r.job_id = e.job_id AND r.idx = e.idx "
+            f"WHERE e.job_id = :id AND e.idx > :after {ENTRY_FILTERS[outcome]} "
+            "ORDER BY e.idx LIMIT :count"
         ),
         {"id": job_id, "after": after, "count": count},
     ).mappings().all()
@@ -185,23 +195,24 @@ def entry_json(row: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- final response
 
 _STREAM = """
-SELECT e.idx, e.status, e.location, e.etag, e.last_modified, e.outcome::text,
-       coalesce(e.resource, {history})::text AS resource, {version}
-FROM job_entry e {join}
-WHERE e.job_id = :id AND e.status IS NOT NULL
-ORDER BY e.idx
+SELECT r.idx, {columns}, r.outcome::text,
+       coalesce(r.resource, {history})::text AS resource, {version}
+FROM job_result r {join}
+WHERE r.job_id = :id
+ORDER BY r.idx
 """
 
 
 def _stream_sql(with_history: bool) -> str:
     if not with_history:
-        return _STREAM.format(history="NULL", version="NULL AS version, NULL AS updated",
-                              join="")
+        return _STREAM.format(columns=_RESULT_COLUMNS, history="NULL",
+                              version="NULL AS version, NULL AS updated", join="")
     return _STREAM.format(
+        columns=_RESULT_COLUMNS,
         history="h.content",
         version="h.version, h.last_updated AS updated",
-        join="LEFT JOIN resource_history h ON e.resource IS NULL AND h.res_type = e.res_type "
-        "AND h.res_id = e.res_id AND h.version = e.res_version AND NOT h.deleted",
+        join="LEFT JOIN resource_history h ON r.resource IS NULL AND h.res_type = r.res_type "
+        "AND h.res_id = r.res_id AND h.version = r.res_version AND NOT h.deleted",
     )
 
 

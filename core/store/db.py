@@ -6,9 +6,10 @@ from __future__ import annotations
 from functools import lru_cache
 
 import orjson
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, event
 
 from core.config import get_settings
+from core.store.repository import prepare_session
 
 
 def _json_dumps(value: object) -> str:
@@ -34,7 +35,7 @@ def get_engine(url: str | None = None) -> Engine:
         raise RuntimeError("FHIRQ_DATABASE_URL is not set (fhirq up sets it for you)")
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg2://" + url[len("postgresql://") :]
-    return create_engine(
+    engine = create_engine(
         url,
         pool_size=10,
         max_overflow=20,
@@ -48,3 +49,6 @@ def get_engine(url: str | None = None) -> Engine:
         json_serializer=_json_dumps,
         json_deserializer=orjson.loads,
     )
+    # Each session gets the staging table that bulk writes COPY into, once (core.store.repository).
+    event.listen(engine, "connect", lambda dbapi, record: prepare_session(dbapi, record.info))
+    return engine

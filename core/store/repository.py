@@ -1,8 +1,9 @@
 """Set-based SQL over the resource store. Every function takes a whole chunk of rows and costs
 one round trip, whatever the chunk size; nothing here commits.
 
-Content is stored without `meta.versionId` / `meta.lastUpdated` (they live in columns), so the
-upsert can skip a no-op update by comparing stored JSONB with the new one in SQL.
+Content is stored without `meta.versionId` / `meta.lastUpdated` (they live in columns), once per
+version, in `resource_history`; `resource` names it by its version. The upsert skips a no-op
+update by comparing the hash of the new JSONB with the current one's, in SQL.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection
+from sqlalchemy import Connection, and_, select
 
 from core.fhir.search_params import IndexValues
+from core.store import bulk
+from core.store.schema import resource_history as H
 
 __all__ = [
     "Key",
@@ -31,12 +34,11 @@ __all__ = [
     "read_version",
     "read_history",
     "existing_keys",
+    "content_of",
+    "prepare_session",
 ]
 
 Key = tuple[str, str]  # (resource type, id)
-
-# Separator for the per-row token list sent as one string (FHIR strings exclude control chars).
-_SEP = "\x1f"
 
 
 @dataclass(slots=True)
@@ -92,30 +94,57 @@ def lock_conditions(conn: Connection, conditions: Sequence[str]) -> None:
     )
 
 
+_SELECT = """
+SELECT r.res_type, r.res_id, r.version, r.last_updated, r.deleted{content} FROM resource r
+JOIN unnest(%(t)s::text[], %(i)s::text[]) AS x(res_type, res_id) USING (res_type, res_id){join}
+ORDER BY r.res_type, r.res_id{lock}
+"""
+
+# The content of each current version, from the history row its version names.
+_CONTENT_JOIN = """
+LEFT JOIN resource_history h ON NOT r.deleted AND h.res_type = r.res_type
+    AND h.res_id = r.res_id AND h.version = r.version"""
+
+
 def _select_current(
     conn: Connection, keys: Sequence[Key], *, lock: bool, content: bool
 ) -> dict[Key, Current]:
     if not keys:
         return {}
-    cols = "r.res_type, r.res_id, r.version, r.last_updated, r.deleted"
-    if content:
-        cols += ", r.content::text"
-    sql = (
-        f"SELECT {cols} FROM resource r "
-        "JOIN unnest(%(t)s::text[], %(i)s::text[]) AS x(res_type, res_id) "
-        "USING (res_type, res_id) ORDER BY r.res_type, r.res_id"
-    )
-    if lock:
-        sql += " FOR UPDATE OF r"
+    # A locking read takes the row locks first and reads the content in a second statement:
+    # after waiting for a concurrent writer, FOR UPDATE re-checks only the locked row, so a
+    # joined history row would still be the old version's.
+    join = content and not lock
+    sql = _SELECT.format(content=", h.content::text" if join else "",
+                         join=_CONTENT_JOIN if join else "",
+                         lock=" FOR UPDATE OF r" if lock else "")
     out: dict[Key, Current] = {}
     for row in conn.exec_driver_sql(sql, _keys_params(keys)):
         out[(row[0], row[1])] = Current(
             version=row[2],
             last_updated=row[3],
             deleted=row[4],
-            content=orjson.loads(row[5]) if content else None,
+            content=orjson.loads(row[5]) if join and row[5] is not None else None,
         )
+    if content and lock:
+        live = [k for k, cur in out.items() if not cur.deleted]
+        for key, body in _read_contents(conn, [(k, out[k].version) for k in live]).items():
+            out[key].content = body
     return out
+
+
+def _read_contents(conn: Connection, versions: Sequence[tuple[Key, int]]
+                   ) -> dict[Key, dict[str, Any]]:
+    if not versions:
+        return {}
+    rows = conn.exec_driver_sql(
+        "SELECT h.res_type, h.res_id, h.content::text FROM resource_history h "
+        "JOIN unnest(%(t)s::text[], %(i)s::text[], %(v)s::int[]) AS x(res_type, res_id, version) "
+        "USING (res_type, res_id, version)",
+        {"t": [k[0] for k, _ in versions], "i": [k[1] for k, _ in versions],
+         "v": [v for _, v in versions]},
+    )
+    return {(r[0], r[1]): orjson.loads(r[2]) for r in rows if r[2] is not None}
 
 
 def read_current(
@@ -132,32 +161,79 @@ def lock_current(
     return _select_current(conn, keys, lock=True, content=content)
 
 
-_UPSERT = """
-WITH input AS (
-    SELECT * FROM unnest(%(t)s::text[], %(i)s::text[], %(c)s::jsonb[], %(tok)s::text[],
-                         %(lo)s::timestamptz[], %(hi)s::timestamptz[], %(m)s::text[])
-        AS x(res_type, res_id, content, tok, date_lo, date_hi, method)
+# --------------------------------------------------------------------------- bulk writes
+# A chunk's rows reach PostgreSQL as one COPY into a session-private staging table, then one
+# statement moves them into the store: no statement text that grows with the chunk, no
+# parameter adaptation. The statement consumes what it moves (DELETE ... RETURNING), so
+# several writes in one transaction never see each other's rows; ON COMMIT DELETE ROWS empties
+# it at the end whatever happened.
+
+STAGE_DDL = """
+CREATE TEMP TABLE IF NOT EXISTS resource_stage (
+    res_type text NOT NULL, res_id text NOT NULL, content jsonb NOT NULL,
+    tokens text[] NOT NULL, date_lo timestamptz, date_hi timestamptz, method text NOT NULL,
+    string_params text[] NOT NULL, string_values text[] NOT NULL
+) ON COMMIT DELETE ROWS
+"""
+
+_STAGE_COPY = (
+    "COPY resource_stage (res_type, res_id, content, tokens, date_lo, date_hi, method, "
+    "string_params, string_values) FROM STDIN"
+)
+
+# Set on a DBAPI connection (in its `info`) whose session has the staging table for good.
+STAGED = "fhirq_resource_stage"
+
+_STAGED_ROWS = """
+input AS (
+    DELETE FROM resource_stage RETURNING res_type, res_id, content,
+        md5(content::text)::uuid AS content_hash, tokens, date_lo, date_hi, method,
+        string_params, string_values
+)"""
+
+# Every row a create with a server-assigned id (a fresh UUID): nothing can conflict, so
+# plain INSERTs, and one timestamp for the chunk.
+_CREATE = f"""
+WITH {_STAGED_ROWS},
+ts AS (SELECT clock_timestamp() AS at),
+up AS (
+    INSERT INTO resource
+        (res_type, res_id, version, last_updated, deleted, content_hash, tokens, date_lo, date_hi)
+    SELECT res_type, res_id, 1, ts.at, false, content_hash, tokens, date_lo, date_hi
+    FROM input, ts
 ),
+hist AS (
+    INSERT INTO resource_history (res_type, res_id, version, last_updated, deleted, method, content)
+    SELECT res_type, res_id, 1, ts.at, false, method, content FROM input, ts
+),
+strings_new AS (
+    INSERT INTO resource_string (res_type, res_id, param, value)
+    SELECT i.res_type, i.res_id, s.param, s.value
+    FROM input i, unnest(i.string_params, i.string_values) AS s(param, value)
+)
+SELECT at FROM ts
+"""
+
+_UPSERT = f"""
+WITH {_STAGED_ROWS},
 prior AS (
     SELECT r.res_type, r.res_id, r.deleted FROM resource r JOIN input USING (res_type, res_id)
 ),
 up AS (
     INSERT INTO resource AS r
-        (res_type, res_id, version, last_updated, deleted, content, tokens, date_lo, date_hi)
-    SELECT res_type, res_id, 1, clock_timestamp(), false, content,
-           CASE WHEN tok = '' THEN '{}'::text[] ELSE string_to_array(tok, E'\\x1f') END,
-           date_lo, date_hi
+        (res_type, res_id, version, last_updated, deleted, content_hash, tokens, date_lo, date_hi)
+    SELECT res_type, res_id, 1, clock_timestamp(), false, content_hash, tokens, date_lo, date_hi
     FROM input
     ON CONFLICT (res_type, res_id) DO UPDATE SET
         version = r.version + 1, last_updated = EXCLUDED.last_updated, deleted = false,
-        content = EXCLUDED.content, tokens = EXCLUDED.tokens,
+        content_hash = EXCLUDED.content_hash, tokens = EXCLUDED.tokens,
         date_lo = EXCLUDED.date_lo, date_hi = EXCLUDED.date_hi
-    WHERE r.deleted OR r.content IS DISTINCT FROM EXCLUDED.content
-    RETURNING r.res_type, r.res_id, r.version, r.last_updated, r.content
+    WHERE r.deleted OR r.content_hash IS DISTINCT FROM EXCLUDED.content_hash
+    RETURNING r.res_type, r.res_id, r.version, r.last_updated
 ),
 hist AS (
     INSERT INTO resource_history (res_type, res_id, version, last_updated, deleted, method, content)
-    SELECT up.res_type, up.res_id, up.version, up.last_updated, false, input.method, up.content
+    SELECT up.res_type, up.res_id, up.version, up.last_updated, false, input.method, input.content
     FROM up JOIN input USING (res_type, res_id)
 ),
 strings_gone AS (
@@ -166,55 +242,47 @@ strings_gone AS (
 ),
 strings_new AS (
     INSERT INTO resource_string (res_type, res_id, param, value)
-    SELECT s.res_type, s.res_id, s.param, s.value
-    FROM unnest(%(st)s::text[], %(si)s::text[], %(sp)s::text[], %(sv)s::text[])
-        AS s(res_type, res_id, param, value)
-    JOIN up ON up.res_type = s.res_type AND up.res_id = s.res_id
+    SELECT i.res_type, i.res_id, s.param, s.value
+    FROM input i JOIN up USING (res_type, res_id),
+         unnest(i.string_params, i.string_values) AS s(param, value)
 )
 SELECT up.res_type, up.res_id, up.version, up.last_updated,
        (prior.res_id IS NULL OR prior.deleted) AS created
 FROM up LEFT JOIN prior USING (res_type, res_id)
 """
 
+def _stage(conn: Connection, rows: Sequence[WriteRow]) -> None:
+    lines = []
+    for row in rows:
+        t, i = row.key
+        index = row.index
+        lines.append("\t".join((
+            bulk.text(t), bulk.text(i), bulk.json(row.content), bulk.array(index.tokens),
+            bulk.stamp(index.date_lo), bulk.stamp(index.date_hi), row.method,
+            bulk.array([p for p, _ in index.strings]), bulk.array([v for _, v in index.strings]),
+        )))
+    # An engine not made by core.store.db has no staging table yet: create it every time.
+    before = None if conn.connection.info.get(STAGED) else STAGE_DDL
+    bulk.copy_in(conn, _STAGE_COPY, lines, before=before)
+
 
 def write_resources(conn: Connection, rows: Sequence[WriteRow]) -> list[Written]:
-    """Create or update every row in one statement (resource, history and string index).
+    """Create or update every row: one COPY and one statement (resource, history and string
+    index).
 
     Keys must be distinct within one call (callers split repeated keys into waves). Concurrent
     writers of the same key are serialised by the row lock of ON CONFLICT, so versions stay
-    consecutive.
+    consecutive. When every row is a POST (a create under a server-assigned UUID), plain
+    INSERTs do.
     """
     if not rows:
         return []
-    params: dict[str, list[Any]] = {
-        "t": [],
-        "i": [],
-        "c": [],
-        "tok": [],
-        "lo": [],
-        "hi": [],
-        "m": [],
-        "st": [],
-        "si": [],
-        "sp": [],
-        "sv": [],
-    }
-    for row in rows:
-        t, i = row.key
-        params["t"].append(t)
-        params["i"].append(i)
-        params["c"].append(_dumps(row.content))
-        params["tok"].append(_SEP.join(row.index.tokens))
-        params["lo"].append(row.index.date_lo)
-        params["hi"].append(row.index.date_hi)
-        params["m"].append(row.method)
-        for param, value in row.index.strings:
-            params["st"].append(t)
-            params["si"].append(i)
-            params["sp"].append(param)
-            params["sv"].append(value)
+    _stage(conn, rows)
+    if all(row.method == "POST" for row in rows):
+        at = conn.exec_driver_sql(_CREATE).scalar_one()
+        return [Written(1, at, created=True, changed=True) for _ in rows]
     written: dict[Key, Written] = {}
-    for r in conn.exec_driver_sql(_UPSERT, params):
+    for r in conn.exec_driver_sql(_UPSERT):
         written[(r[0], r[1])] = Written(r[2], r[3], created=r[4], changed=True)
     missing = [row.key for row in rows if row.key not in written]
     if missing:  # unchanged content: report the current version
@@ -229,7 +297,7 @@ WITH input AS (
 ),
 up AS (
     UPDATE resource r SET version = r.version + 1, last_updated = clock_timestamp(),
-        deleted = true, tokens = '{}', date_lo = NULL, date_hi = NULL
+        deleted = true, content_hash = NULL, tokens = '{}', date_lo = NULL, date_hi = NULL
     FROM input
     WHERE r.res_type = input.res_type AND r.res_id = input.res_id AND NOT r.deleted
     RETURNING r.res_type, r.res_id, r.version, r.last_updated
@@ -297,3 +365,23 @@ def existing_keys(conn: Connection, keys: Sequence[Key]) -> set[Key]:
         _keys_params(keys),
     )
     return {(r[0], r[1]) for r in rows}
+
+
+def content_of(resource_table: Any) -> Any:
+    """The content of `resource_table`'s current row, as a SQLAlchemy expression (a scalar
+    subquery on the history row its version names), for queries built with SQLAlchemy."""
+    return (
+        select(H.c.content)
+        .where(and_(H.c.res_type == resource_table.c.res_type,
+                    H.c.res_id == resource_table.c.res_id,
+                    H.c.version == resource_table.c.version))
+        .scalar_subquery()
+    )
+
+
+def prepare_session(dbapi_connection: Any, info: dict[str, Any]) -> None:
+    """Give a new database session its staging table (committed, so it lasts the session)."""
+    with dbapi_connection.cursor() as cur:
+        cur.execute(STAGE_DDL)
+    dbapi_connection.commit()
+    info[STAGED] = True

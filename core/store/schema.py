@@ -1,14 +1,19 @@
 """Table definitions of the resource store (SQLAlchemy Core; Alembic migrations mirror them).
 
-- `resource`: the current version of every resource, with the search index columns that the
-  supported search parameters need (`tokens` GIN, `date_lo`/`date_hi`, `last_updated`).
-- `resource_history`: every version ever written, current one included (vread, _history).
+- `resource`: the current version of every resource: its metadata and the search index columns
+  that the supported search parameters need (`tokens` GIN, `date_lo`/`date_hi`,
+  `last_updated`). Not its content: (res_type, res_id, version) names the `resource_history`
+  row that holds it, so each version's JSON is written once.
+- `resource_history`: every version ever written, current one included, with its content
+  (read, vread, search pages, _history).
 - `resource_string`: normalised string search values (name/family/given), one row per value,
   so that prefix search is a btree range scan.
-- `job`, `job_entry`, `job_upload`: async jobs and their per-entry results (core.jobs).
+- `job`, `job_entry`, `job_result`, `job_chunk`: async jobs, their entries and per-entry
+  results (core.jobs).
 
 Content is stored without `meta.versionId` / `meta.lastUpdated`: those live in columns and are
-put back on read, so that comparing stored content detects no-op updates in SQL.
+put back on read, so that equal content is equal JSONB; `resource.content_hash` (the MD5 of the
+current version's canonical JSONB text) lets an update detect a no-op in SQL without reading it.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 
 metadata = MetaData()
 
@@ -42,7 +47,9 @@ resource = Table(
     Column("version", Integer, nullable=False),
     Column("last_updated", DateTime(timezone=True), nullable=False),
     Column("deleted", Boolean, nullable=False, server_default="false"),
-    Column("content", JSONB, nullable=False),
+    # md5(content::text)::uuid of the current version (NULL once deleted): an update whose new
+    # content hashes the same is a no-op. JSONB's text form is canonical (keys sorted).
+    Column("content_hash", UUID),
     # Token and reference search values, e.g. "identifier:http://x|123", "gender:*|male",
     # "subject:Patient/1". Format owned by core.fhir.search_params.
     Column("tokens", ARRAY(Text), nullable=False, server_default="{}"),
@@ -83,8 +90,8 @@ resource_string = Table(
 
 # --------------------------------------------------------------------------- jobs
 # Owned by core.jobs. A job is one async submission; each entry of it is one row of
-# `job_entry`, written at accept time (request) and again when the entry ran (result), in the
-# same DB transaction as the entry's effect.
+# `job_entry`, written at accept time (request), and one row of `job_result`, inserted when the
+# entry ran, in the same DB transaction as the entry's effect.
 
 job = Table(
     "job",
@@ -158,28 +165,35 @@ job_entry = Table(
     Column("idx", Integer, nullable=False),
     # The entry as sent (`json`, not `jsonb`: its text as cut from the body, not re-encoded).
     # NULL for an NDJSON line that was not JSON; its 400 result is written at accept time.
+    # Written once, at accept: the result goes to `job_result`.
     Column("request", JSON),
-    Column("status", Integer),  # NULL while pending
-    Column("location", Text),
-    Column("etag", Text),
+    PrimaryKeyConstraint("job_id", "idx"),
+)
+
+# An entry's result, inserted once in the transaction that ran it (never updated): an entry
+# without a row here is pending. Narrow on purpose: a stored version's location and ETag are
+# derived from (res_type, res_id, res_version) when they read `Type/id/_history/v` and `W/"v"`
+# (location and etag are NULL then), and its representation is re-read from resource_history.
+job_result = Table(
+    "job_result",
+    metadata,
+    Column("job_id", Text, ForeignKey("job.id", ondelete="CASCADE"), nullable=False),
+    Column("idx", Integer, nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("location", Text),  # only when it is not the derived `Type/id/_history/v`
+    Column("etag", Text),  # only when it is not the derived `W/"v"`
     Column("last_modified", DateTime(timezone=True)),
-    Column("outcome", JSONB),
-    # Where the representation can be re-read from resource_history (no second copy)...
+    Column("outcome", JSONB),  # failures, and successes under Prefer: return=OperationOutcome
     Column("res_type", Text),
     Column("res_id", Text),
     Column("res_version", Integer),
-    # ...or the resource itself when it is not a stored version (search results, reads).
+    # The resource itself when it is not a stored version (search Bundles, reads).
     Column("resource", JSONB),
-    Column("finished_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("job_id", "idx"),
-    Index("ix_job_entry_pending", "job_id", "idx", postgresql_where=text("status IS NULL")),
-    Index("ix_job_entry_failed", "job_id", "idx", postgresql_where=text("status >= 400")),
+    Index("ix_job_result_failed", "job_id", "idx", postgresql_where=text("status >= 400")),
     # Entries finished lately, for the entries/s of /metrics (core.metrics).
-    Index(
-        "ix_job_entry_finished",
-        "finished_at",
-        postgresql_where=text("finished_at IS NOT NULL"),
-    ),
+    Index("ix_job_result_finished", "finished_at"),
 )
 
 # The chunk ledger (core.jobs.chunks): a row per chunk that runs or waits for a task, deleted in
