@@ -205,6 +205,38 @@ def test_rest_with_a_jwt(clean_db: Engine, stored_patient: None, tmp_path: Path)
     assert r.status_code == 201, r.get_data(as_text=True)
 
 
+def test_rest_search_includes_and_chains_respect_read_and_search_scopes(
+    auth_client: Any, keys: Any, stored_patient: None
+) -> None:
+    """An `_include` of a type the token may not read brings back none of it (the Bundle says
+    the includes were limited); a chain or `_has` over a type it may not search is a 403
+    before any SQL runs."""
+    r = auth_client.post("/fhir/Observation", json=observation("Patient/p1"),
+                         headers=keys("system/Observation.c"))
+    assert r.status_code == 201, r.get_data(as_text=True)
+    url = "/fhir/Observation?_include=Observation:subject"
+
+    narrow = auth_client.get(url, headers=keys("system/Observation.rs"))
+    assert narrow.status_code == 200, narrow.get_data(as_text=True)
+    modes = [e["search"]["mode"] for e in narrow.json["entry"]]
+    assert modes == ["match", "outcome"]
+    assert "Patient" not in {e["resource"]["resourceType"] for e in narrow.json["entry"]}
+    assert narrow.json["entry"][-1]["resource"]["issue"][0]["code"] == "suppressed"
+
+    wide = auth_client.get(url, headers=keys("system/Observation.rs", "system/Patient.r"))
+    assert [(e["search"]["mode"], e["resource"]["resourceType"]) for e in wide.json["entry"]
+            ][:2] == [("match", "Observation"), ("include", "Patient")]
+
+    for path, needs in (("/fhir/Observation?subject:Patient.identifier=s|v", "Patient"),
+                        ("/fhir/Patient?_has:Observation:subject:status=final", "Observation")):
+        rtype = path.split("/")[2].split("?")[0]
+        r = auth_client.get(path, headers=keys(f"system/{rtype}.rs"))
+        assert r.status_code == 403, r.get_data(as_text=True)
+        assert f"system/{needs}.s" in issue(r.json)["diagnostics"]
+        ok = auth_client.get(path, headers=keys(f"system/{rtype}.rs", f"system/{needs}.s"))
+        assert ok.status_code == 200 and ok.json["total"] == 1, ok.get_data(as_text=True)
+
+
 # --------------------------------------------------------------------------- batch upsert
 
 

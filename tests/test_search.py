@@ -682,15 +682,22 @@ def test_paging_links_and_count(people: Connection) -> None:
     nxt = urlsplit(links["next"])
     assert f"{nxt.scheme}://{nxt.netloc}{nxt.path}" == f"{BASE}/Patient"
     next_params = parse_qsl(nxt.query)
-    assert next_params == [("family", "smi"), ("_count", "2"), ("_offset", "2")]
+    # The next page starts after the last resource of this one: a keyset cursor, not an offset.
+    assert next_params[:2] == [("family", "smi"), ("_count", "2")]
+    assert [name for name, _ in next_params[2:]] == ["_cursor"]
     page2 = search(people, "Patient", next_params, base_url=BASE)
     links2 = {link["relation"]: link["url"] for link in page2["link"]}
-    assert "next" not in links2
-    assert parse_qsl(urlsplit(links2["previous"]).query)[-1] == ("_count", "2")
+    assert "next" not in links2 and "previous" not in links2
+    assert page2["total"] == 3
     assert ids(page1) | ids(page2) == {"p1", "p2", "p5"}
     assert not ids(page1) & ids(page2)
     # Ordered by id, so pages are stable.
     assert [e["resource"]["id"] for e in page1["entry"]] == ["p1", "p2"]
+    # `_offset` still works, for clients that build their own page links.
+    by_offset = search(people, "Patient", [*params, ("_offset", "2")], base_url=BASE)
+    assert ids(by_offset) == ids(page2)
+    links3 = {link["relation"]: link["url"] for link in by_offset["link"]}
+    assert parse_qsl(urlsplit(links3["previous"]).query)[-1] == ("_count", "2")
 
 
 def test_count_limits_and_summary(people: Connection) -> None:
@@ -837,6 +844,16 @@ INDEXED_QUERIES = [
     ("patient and code", "Observation", [("patient", "p77"), ("code", "c27")]),
     ("date", "Observation", [("date", "2003-05-06")]),
     ("_id", "Observation", [("_id", "o5,o6")]),
+    # The result side: sort keys, keyset pages and includes.
+    ("_sort by criteria", "Observation", [("subject", "Patient/p77"), ("_sort", "-date,code")]),
+    ("_sort, no criteria", "Patient", [("_sort", "-_lastUpdated"), ("_total", "none")]),
+    ("_include", "Observation", [("patient", "p77"), ("_include", "Observation:subject")]),
+    ("_revinclude", "Patient", [("_id", "p77,p78"), ("_revinclude", "Observation:subject")]),
+    ("_include:iterate", "Observation", [("code", "c3"), ("_count", "10"),
+                                         ("_include", "Observation:patient"),
+                                         ("_revinclude:iterate", "Observation:subject")]),
+    ("chain", "Observation", [("subject:Patient.identifier", "http://hospital/mrn|77")]),
+    ("_has", "Patient", [("_has:Observation:patient:_id", "o77")]),
 ]
 
 
@@ -862,6 +879,9 @@ def assert_index_backed(plan: str, label: str) -> None:
 def test_queries_are_index_backed(big_store: Connection) -> None:
     for label, resource_type, params in INDEXED_QUERIES:
         assert_index_backed(explain(big_store, resource_type, params), f"{label}: {params}")
+    # A sort without criteria walks the sort key's index instead of sorting the type.
+    plan = explain(big_store, "Patient", [("_sort", "-_lastUpdated"), ("_total", "none")])
+    assert "ix_resource_type_updated" in plan, short(plan)
     # And they answer something sensible on that data.
     hit = search(big_store, "Patient", [("identifier", "http://hospital/mrn|4242")], base_url=BASE)
     assert ids(hit) == {"p4242"}

@@ -2,43 +2,13 @@
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 from core.config import Settings
-from core.fhir.search_params import supported_params
+from core.fhir.search_params import param_types
+from core.fhir.search_registry import params_for, resource_types
 from core.fhir.validation import known_resource_type
-
-# Types with search parameters beyond the common ones; every R4 type is stored and readable.
-_TYPES = [
-    "Patient",
-    "Practitioner",
-    "PractitionerRole",
-    "Organization",
-    "Location",
-    "Encounter",
-    "Observation",
-    "Condition",
-    "Procedure",
-    "MedicationRequest",
-    "Immunization",
-    "DiagnosticReport",
-    "CarePlan",
-    "CareTeam",
-    "Claim",
-    "ExplanationOfBenefit",
-    "Schedule",
-    "Slot",
-    "Appointment",
-    "AllergyIntolerance",
-    "Device",
-    "DocumentReference",
-    "Goal",
-    "ImagingStudy",
-    "Medication",
-    "MedicationAdministration",
-    "Provenance",
-    "SupplyDelivery",
-]
 
 _INTERACTIONS = [
     "read",
@@ -52,36 +22,41 @@ _INTERACTIONS = [
     "search-type",
 ]
 
-_PARAM_TYPES = {
-    "_id": "token",
-    "_lastUpdated": "date",
-    "identifier": "token",
-    "name": "string",
-    "family": "string",
-    "given": "string",
-    "birthdate": "date",
-    "gender": "token",
-    "status": "token",
-    "code": "token",
-    "subject": "reference",
-    "patient": "reference",
-    "date": "date",
-    "schedule": "reference",
-    "start": "date",
-    "actor": "reference",
-}
+def search_capabilities(rtype: str) -> dict[str, Any]:
+    """`searchParam`, `searchInclude` and `searchRevInclude` of one type, from the R4 registry:
+    every parameter the registry compiles that the query parser answers to."""
+    answered = param_types(rtype)
+    params = {n: p for n, p in params_for(rtype).items() if p.supported and n in answered}
+    refs = [n for n, p in params.items() if p.type == "reference"]
+    return {
+        "searchParam": [
+            {"name": n, "type": p.type, "documentation": p.expression}
+            if p.expression else {"name": n, "type": p.type}
+            for n, p in params.items()
+        ],
+        "searchInclude": [f"{rtype}:{n}" for n in refs] + ([f"{rtype}:*"] if refs else []),
+        "searchRevInclude": _rev_includes().get(rtype, []),
+    }
+
+
+@cache
+def _rev_includes() -> dict[str, list[str]]:
+    """Target type → every `Source:param` whose reference parameter may point at it."""
+    out: dict[str, list[str]] = {}
+    for source in resource_types():
+        answered = param_types(source)
+        for n, p in params_for(source).items():
+            if p.type == "reference" and p.supported and n in answered:
+                for target in p.targets:
+                    out.setdefault(target, []).append(f"{source}:{n}")
+    return {t: sorted(v) for t, v in out.items()}
 
 
 def capability_statement(base_url: str, settings: Settings) -> dict[str, Any]:
     resources = []
-    for rtype in _TYPES:
+    for rtype in resource_types():
         if not known_resource_type(rtype):
             continue
-        params = [
-            {"name": p, "type": _PARAM_TYPES.get(p, "token")}
-            for p in supported_params(rtype)
-            if not p.startswith("_count")
-        ]
         resources.append(
             {
                 "type": rtype,
@@ -94,7 +69,7 @@ def capability_statement(base_url: str, settings: Settings) -> dict[str, Any]:
                 "conditionalUpdate": True,
                 "conditionalDelete": "single",
                 "referencePolicy": _reference_policy(settings),
-                "searchParam": params,
+                **search_capabilities(rtype),
             }
         )
     return {
@@ -118,6 +93,7 @@ def capability_statement(base_url: str, settings: Settings) -> dict[str, Any]:
                     f"{settings.sync_max_entries} entries; send 'Prefer: respond-async' to run any "
                     "size as a job (FHIR asynchronous request pattern). PUT [base] with a JSON "
                     "array or NDJSON performs a batch upsert. " + _reference_rules(settings)
+                    + " " + _SEARCH_RULES
                 ),
                 "security": _security(settings),
             "resource": resources,
@@ -125,6 +101,15 @@ def capability_statement(base_url: str, settings: Settings) -> dict[str, Any]:
             }
         ],
     }
+
+
+_SEARCH_RULES = (
+    "Searches page by a keyset cursor (the next link's _cursor; _offset is kept for "
+    "compatibility) and take _count, _sort (one or more parameters, '-' descending), "
+    "_total=accurate|estimate|none, _summary=count|text|data, _elements, _include and "
+    "_revinclude (:iterate one level), chained parameters one level (ref:Type.param, or "
+    "ref.param when one target type has the parameter) and _has one level."
+)
 
 
 def _reference_policy(settings: Settings) -> list[str]:

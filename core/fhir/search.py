@@ -7,8 +7,8 @@ bound parameters. Each clause of a `Query` maps onto an index: tokens → GIN `@
 `resource_string`; dates → btree on `(res_type, date_lo | date_hi | last_updated)`;
 `_id` → the primary key. Deleted resources never match.
 
-Results are ordered by id (stable under updates); paging is `_offset` based, and one pass over
-the matches yields both `total` and the page. The statements are shaped so that the planner's
+The searchset itself (order, keyset paging, total, includes, chains) is core.fhir.search_results,
+which builds on `_conditions` here. The statements are shaped so that the planner's
 fixed ~0.5% guess for rare GIN tokens cannot lead it to a scan of the whole type (see the notes
 at `_matches`, `_type_is` and `_find_by_token_sets`).
 """
@@ -37,8 +37,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, JSONPATH
 
+from core.auth.permissions import UNRESTRICTED, Permissions
 from core.errors import BadRequest, FhirError
-from core.fhir.outcome import issue, outcome
 from core.fhir.resources import row_to_resource
 from core.fhir.search_params import (
     EXACT_PATHS,
@@ -172,81 +172,35 @@ def search(
     strict: bool = False,
     default_count: int = 50,
     max_count: int = 1000,
+    permissions: Permissions = UNRESTRICTED,
 ) -> dict[str, Any]:
-    """A FHIR searchset Bundle for `GET [base]/resource_type?params`.
-
-    `total` (unless `_total=none`), links self / first / previous / next as absolute URLs under
-    `base_url`, entries with fullUrl, the resource with its meta restored, search.mode "match".
-    Parameters ignored in lenient mode are reported by an OperationOutcome entry
-    (search.mode "outcome") with a warning naming them.
+    """A FHIR searchset Bundle for `GET [base]/resource_type?params` (see
+    core.fhir.search_results): `total` (unless `_total=none`), links self / first / next
+    (a keyset `_cursor`) as absolute URLs under `base_url`, matches (search.mode "match") and
+    included resources ("include"), and an OperationOutcome entry ("outcome") with a warning
+    naming the parameters a lenient search ignored.
     """
-    q = parse_query(resource_type, params, strict=strict)
-    count = min(default_count if q.count is None else q.count, max_count)
-    total: int | None = None
-    rows: list[Any] = []
-    if count == 0:
-        total = conn.execute(_count(q)).scalar_one() if q.total else None
-    elif q.total and _fenced(q):
-        # One pass over the matches serves both the total and the page.
-        fetched = conn.execute(_page_and_total(q, count + 1, q.offset)).all()
-        total = fetched[0][0]
-        rows = [r[1:] for r in fetched if r[1] is not None]
-    else:
-        total = conn.execute(_count(q)).scalar_one() if q.total else None
-        if total is None or q.offset < total:
-            rows = list(conn.execute(_page(q, count + 1, q.offset)))
-    has_next = len(rows) > count
-    del rows[count:]
+    # Imported here: the result side builds on this module's conditions.
+    from core.fhir.search_results import searchset
 
-    base = base_url.rstrip("/")
-    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
-    if total is not None:
-        bundle["total"] = total
-    links = [("self", q.offset), ("first", 0)]
-    if q.offset > 0:
-        links.append(("previous", max(0, q.offset - count)))
-    if has_next:
-        links.append(("next", q.offset + count))
-    bundle["link"] = [
-        {"relation": rel, "url": _page_url(base, q, count, off)} for rel, off in links
-    ]
-    entries: list[dict[str, Any]] = [
-        {
-            "fullUrl": f"{base}/{resource_type}/{res_id}",
-            "resource": row_to_resource(content, version, last_updated),
-            "search": {"mode": "match"},
-        }
-        for res_id, version, last_updated, content in rows
-    ]
-    if q.ignored:
-        names = ", ".join(name for name, _ in q.ignored)
-        entries.append(
-            {
-                "resource": outcome(
-                    issue(
-                        "warning",
-                        "not-supported",
-                        f"Search parameters not supported for {resource_type} were ignored: "
-                        f"{names}",
-                        [name for name, _ in q.ignored],
-                    )
-                ),
-                "search": {"mode": "outcome"},
-            }
-        )
-    if entries:
-        bundle["entry"] = entries
-    return bundle
+    return searchset(
+        conn, resource_type, params, conditions=_conditions, fenced=_fenced,
+        base_url=base_url, strict=strict, default_count=default_count, max_count=max_count,
+        permissions=permissions,
+    )
 
 
 def explain(conn: Connection, resource_type: str, params: list[tuple[str, str]]) -> str:
-    """EXPLAIN output of the statements a search may run (count, first page, lookup for
-    conditional operations, page with total); for tests and operators checking index use."""
-    q = parse_query(resource_type, params, strict=False)
+    """EXPLAIN output of the statements a search may run (page with total, count, includes,
+    lookup for conditional operations); for tests and operators checking index use."""
+    from core.fhir.search_controls import split_search
+    from core.fhir.search_results import explain_search
+
+    stmts = explain_search(conn, resource_type, params, conditions=_conditions, fenced=_fenced)
+    q = split_search(resource_type, params, strict=False).query
+    if q.clauses:  # conditional operations refuse a query without criteria
+        stmts.append(_lookup(q, 2))
     plans = []
-    stmts = [_count(q), _page(q, 51, q.offset), _lookup(q, 2)]
-    if _fenced(q):
-        stmts.append(_page_and_total(q, 51, q.offset))
     for stmt in stmts:
         compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
         result = conn.exec_driver_sql("EXPLAIN " + compiled.string, compiled.params)
@@ -273,52 +227,11 @@ def _fenced(q: Query) -> bool:
     return any(not isinstance(c, IdClause) for c in q.clauses)
 
 
-def _count(q: Query) -> Select[Any]:
-    return select(func.count()).select_from(R).where(*_conditions(q))
-
-
 def _lookup(q: Query, limit: int) -> Select[Any]:
     if not _fenced(q):
         return select(R.c.res_id).where(*_conditions(q)).limit(limit)
     m = _matches(q)
     return select(m.c.res_id).limit(limit)
-
-
-def _page(q: Query, limit: int, offset: int) -> Select[Any]:
-    cols = (R.c.res_id, R.c.version, R.c.last_updated, content_of(R).label("content"))
-    if not _fenced(q):
-        return select(*cols).where(*_conditions(q)).order_by(R.c.res_id).limit(limit).offset(offset)
-    m = _matches(q)
-    page = select(m.c.res_id).order_by(m.c.res_id).limit(limit).offset(offset).subquery("page")
-    return (
-        select(*cols)
-        .join_from(page, R, and_(R.c.res_type == q.resource_type, R.c.res_id == page.c.res_id))
-        .order_by(R.c.res_id)
-    )
-
-
-def _page_and_total(q: Query, limit: int, offset: int) -> Select[Any]:
-    """The page's rows, each carrying the total; a single (total, NULL...) row when empty."""
-    m = _matches(q)
-    total = select(func.count().label("total")).select_from(m).subquery("t")
-    page = select(m.c.res_id).order_by(m.c.res_id).limit(limit).offset(offset).subquery("page")
-    rows = (
-        select(R.c.res_id, R.c.version, R.c.last_updated, content_of(R).label("content"))
-        .join_from(page, R, and_(R.c.res_type == q.resource_type, R.c.res_id == page.c.res_id))
-        .subquery("p")
-    )
-    return (
-        select(total.c.total, rows.c.res_id, rows.c.version, rows.c.last_updated, rows.c.content)
-        .select_from(total.outerjoin(rows, true()))
-        .order_by(rows.c.res_id)
-    )
-
-
-def _page_url(base: str, q: Query, count: int, offset: int) -> str:
-    pairs = [*q.applied, ("_count", str(count))]
-    if offset:
-        pairs.append(("_offset", str(offset)))
-    return f"{base}/{q.resource_type}?{urlencode(pairs, safe='|:/')}"
 
 
 # --------------------------------------------------------------------------- SQL clauses
