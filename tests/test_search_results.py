@@ -228,6 +228,14 @@ def test_elements_and_summary_subsets(clinic: Connection) -> None:
     assert "text" not in data and data["name"] and subsetted in data["meta"]["tag"]
     text = run(clinic, "Patient", [("_id", "p1"), ("_summary", "text")])["entry"][0]["resource"]
     assert set(text) == {"resourceType", "id", "meta", "text"}
+    # _summary=true: the elements R4 marks isSummary (not text, generalPractitioner).
+    short = run(clinic, "Patient", [("_id", "p1"), ("_summary", "true")])["entry"][0]["resource"]
+    assert set(short) == {"resourceType", "id", "meta", "identifier", "name", "gender",
+                          "birthDate", "managingOrganization"}
+    assert subsetted in short["meta"]["tag"]
+    obs = run(clinic, "Observation", [("_id", "o1"), ("_summary", "true")])["entry"][0]
+    assert set(obs["resource"]) == {"resourceType", "id", "meta", "status", "code", "subject",
+                                    "effectiveDateTime", "valueQuantity"}
     whole = run(clinic, "Patient", [("_id", "p1")])["entry"][0]["resource"]
     assert "tag" not in whole["meta"] and "text" in whole
     with pytest.raises(BadRequest):

@@ -10,8 +10,7 @@ Parameters (FHIR R4 search.html):
 - `_count` (0 .. max, capped at the server's maximum), `_offset` (kept for compatibility) and
   `_cursor` (the opaque keyset position the `next` link carries, `core.fhir.search_cursor`).
 - `_total=accurate|estimate|none` (estimate is answered accurately), `_summary=count|true|text|
-  data|false` (`true` keeps the elements `text` would: the spec's summary flags are not in
-  the generated tables), `_elements=a,b`.
+  data|false`, `_elements=a,b` (core.fhir.search_shape).
 - `_sort=a,-b`: `_id`, `_lastUpdated` and the type's string, token, reference and date
   parameters; the resource id breaks ties.
 - `_include` / `_revinclude` `=Type:param[:Target]`, `Type:*` for `_include`, `:iterate`

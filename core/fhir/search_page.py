@@ -30,7 +30,7 @@ from sqlalchemy import (
 
 from core.fhir.search_controls import SortKey, index_name
 from core.fhir.search_cursor import Position
-from core.fhir.search_params import DATE_PARAMS
+from core.fhir import search_params
 from core.store import schema
 from core.store.repository import content_of
 from core.store.schema import resource as R
@@ -118,7 +118,8 @@ def _range_key(resource_type: str, s: SortKey, name: str) -> _Key:
     table = getattr(schema, "resource_number" if s.kind != "date" else "resource_date", None)
     kind = "ts" if s.kind == "date" else "number"
     if table is None:  # before the per-parameter tables: the type's one date range
-        if s.kind == "date" and DATE_PARAMS.get(resource_type) == s.param:
+        date_params = getattr(search_params, "DATE_PARAMS", {})
+        if s.kind == "date" and date_params.get(resource_type) == s.param:
             return _Key(R.c.date_hi if s.descending else R.c.date_lo, s.descending, True, kind)
         return _Key(literal(None), s.descending, True, kind)
     col = func.max(table.c.hi) if s.descending else func.min(table.c.lo)

@@ -1,10 +1,11 @@
-"""Subsets of the matches a search returns: `_elements` and `_summary=text|data`.
+"""Subsets of the matches a search returns: `_elements` and `_summary=true|text|data`.
 
 search.html: a subset keeps `id`, `meta` and the resource's mandatory elements (min >= 1 in
 its definition, from the generated R4 tables) besides what was asked, and is marked by the
 `SUBSETTED` tag in `meta.tag` so no one takes it for the whole resource. A primitive's `_name`
 companion (its id and extensions) travels with it; a choice element `value[x]` is asked for as
-`value` and keeps whichever `valueX` the resource has.
+`value` and keeps whichever `valueX` the resource has. `_summary=true` keeps the elements the
+definition marks `isSummary` (core.fhir.r4.summary_elements).
 """
 
 from __future__ import annotations
@@ -53,9 +54,14 @@ def subset(resource: dict[str, Any], *, elements: list[str] | None,
     `resource` itself when neither asks for a subset."""
     if summary == "data":
         out = {k: v for k, v in resource.items() if k not in ("text", "_text")}
-    elif summary == "text" or elements is not None:
-        names, required_choices, choices = _elements_of(resource.get("resourceType", ""))
-        wanted = frozenset(elements or ()) | ({"text"} if summary == "text" else frozenset())
+    elif summary in ("text", "true") or elements is not None:
+        rtype = resource.get("resourceType", "")
+        names, required_choices, choices = _elements_of(rtype)
+        wanted = frozenset(elements or ())
+        if summary == "text":
+            wanted |= {"text"}
+        elif summary == "true":
+            wanted |= {n.removesuffix("[x]") for n in r4.summary_elements().get(rtype, ())}
         keep = names | wanted | frozenset(_ALWAYS)
         choose = required_choices | (wanted & choices)
 

@@ -33,6 +33,9 @@ of HL7's R4 release, and committed; nothing here needs the network. Each is gzip
     ...); `expression` the FHIRPath, keeping of a shared expression ("Patient.name |
     Person.name") only the parts of this base; a reference parameter's row has a fourth
     column, its target resource types (sorted). Read by `core.fhir.search_registry`.
+`summary.json.gz` — `{"summary": {resource type: [element, ...]}}`
+    The top-level elements of each resource type that its definition marks `isSummary`, as
+    named there (`value[x]` for a choice element), sorted: what `_summary=true` keeps.
 `source.json`
     The package they came from, its version, the FHIR version, and the sha256 of every input
     and output file.
@@ -92,3 +95,9 @@ def search_targets() -> dict[str, dict[str, tuple[str, ...]]]:
 def source() -> dict[str, Any]:
     """Where the tables came from (package, versions, sha256 of inputs and outputs)."""
     return json.loads(SOURCE.read_text())
+
+
+@cache
+def summary_elements() -> dict[str, frozenset[str]]:
+    """{resource type: its top-level `isSummary` elements} (see the module docstring)."""
+    return {t: frozenset(names) for t, names in _load("summary.json.gz")["summary"].items()}

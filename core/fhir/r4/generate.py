@@ -82,6 +82,7 @@ def generate(r4: Path, out: Path) -> list[str]:
     value_sets, open_sets = _value_sets(json.loads(inputs["valuesets.json"]), bound)
     search = _search(json.loads(inputs["search-parameters.json"]))
     tables = {
+        "summary.json.gz": {"summary": _summary(definitions)},
         "types.json.gz": {"types": types},
         "valuesets.json.gz": {"valueSets": value_sets, "notEnumerable": open_sets},
         "search.json.gz": {"searchParameters": search},
@@ -144,6 +145,22 @@ def _types(definitions: Iterable[dict[str, Any]]) -> dict[str, Any]:
                     and e.get("max") != "0"
                 ],
             }
+    return dict(sorted(out.items()))
+
+
+def _summary(definitions: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
+    """Resource type → its top-level elements marked `isSummary` (what `_summary=true`
+    keeps), as named in the definition (`value[x]` for a choice)."""
+    out: dict[str, list[str]] = {}
+    for sd in definitions:
+        if sd.get("kind") != "resource" or sd.get("derivation") == "constraint" \
+                or sd.get("fhirVersion") != FHIR_VERSION:
+            continue
+        name = sd["type"]
+        out[name] = sorted(
+            e["path"].split(".", 1)[1] for e in _r4_elements(sd)
+            if e["path"].count(".") == 1 and e.get("isSummary") and e.get("max") != "0"
+        )
     return dict(sorted(out.items()))
 
 
