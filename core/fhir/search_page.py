@@ -28,9 +28,9 @@ from sqlalchemy import (
     true,
 )
 
+from core.fhir import search_params
 from core.fhir.search_controls import SortKey, index_name
 from core.fhir.search_cursor import Position
-from core.fhir import search_params
 from core.store import schema
 from core.store.repository import content_of
 from core.store.schema import resource as R
