@@ -279,6 +279,11 @@ def test_include_and_revinclude(clinic: Connection) -> None:
     assert matches(rev) == ["p1", "p4"]
     assert included(rev) == {"Observation/o1", "Observation/o2", "Observation/o4",
                              "Encounter/e1"}
+    every = run(clinic, "Patient", [("_id", "p4"), ("_revinclude", "Observation:*"),
+                                    ("_revinclude", "Encounter:*")])
+    assert included(every) == {"Observation/o4", "Encounter/e1"}
+    org = run(clinic, "Organization", [("_revinclude", "Patient:*")])
+    assert len(included(org)) == 6
 
 
 def test_include_iterate_goes_one_level(clinic: Connection) -> None:

@@ -13,7 +13,7 @@ Parameters (FHIR R4 search.html):
   data|false`, `_elements=a,b` (core.fhir.search_shape).
 - `_sort=a,-b`: `_id`, `_lastUpdated` and the type's string, token, reference and date
   parameters; the resource id breaks ties.
-- `_include` / `_revinclude` `=Type:param[:Target]`, `Type:*` for `_include`, `:iterate`
+- `_include` / `_revinclude` `=Type:param[:Target]` or `Type:*`, `:iterate`
   (one level: the included resources' own includes, no further).
 - Chains `ref:Type.param=v` / `ref.param=v` (one level) and `_has:Type:ref:param=v` (one
   level); the inner `param` is any search parameter of the other type, with its modifiers.
@@ -245,11 +245,15 @@ def _include(c: Controls, resource_type: str, raw_name: str, modifier: str, valu
     target = parts[2] if len(parts) == 3 else None
     if target is not None and not _TYPE_RE.fullmatch(target):
         raise _bad(raw_name, f"{target[:64]!r} is not a resource type")
-    if param == "*":
-        if reverse:
-            raise BadRequest("'_revinclude' takes a named parameter, not '*'",
-                             expression=raw_name, code="not-supported")
-    elif param_types(source).get(param) != "reference":
+    if param == "*" and reverse:
+        # Every reference parameter of the source that may point at what it starts from.
+        names = [n for n, kind in param_types(source).items() if kind == "reference"
+                 and (iterate or not (ts := reference_targets(source, n)) or resource_type in ts)]
+        for n in names:
+            c.includes.append(Include(source, index_name(source, n), target, True, iterate,
+                                      value))
+        return
+    if param != "*" and param_types(source).get(param) != "reference":
         raise _bad(raw_name, f"{param[:64]!r} is not a reference parameter of {source}")
     # Without :iterate an include starts from the matches only, so its side must be the
     # searched type (the source of an _include, the target of a _revinclude).
