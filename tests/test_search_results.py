@@ -466,3 +466,53 @@ def test_synthea_includes_sorts_chains_and_paging(synthea: Connection) -> None:
     assert run(synthea, "Observation", [("patient", pid), ("_summary", "count")]) == {
         "resourceType": "Bundle", "type": "searchset", "total": n_obs,
         "link": run(synthea, "Observation", [("patient", pid), ("_summary", "count")])["link"]}
+
+
+# --------------------------------------------------------------------------- deep pages
+
+
+N_DEEP = 100_000
+
+
+def test_a_deep_cursor_page_costs_what_the_first_page_costs(conn: Connection) -> None:
+    """Without criteria, a `_sort=_lastUpdated` page after a cursor is an index range scan
+    from the cursor's position; `_offset` walks (and throws away) every row before it. Prints
+    both times for the report; asserts the plan and a generous ratio only."""
+    import time
+
+    from sqlalchemy import text
+
+    conn.execute(text(f"""
+        WITH h AS (
+            INSERT INTO resource_history (res_type, res_id, version, last_updated, deleted,
+                                          method, content)
+            SELECT 'Observation', 'o' || i, 1, timestamptz '2021-01-01' + i * interval '1 s',
+                   false, 'POST', jsonb_build_object('resourceType', 'Observation',
+                                                     'id', 'o' || i, 'status', 'final')
+            FROM generate_series(1, {N_DEEP}) AS i
+            RETURNING res_type, res_id, version, last_updated, content)
+        INSERT INTO resource (res_type, res_id, version, last_updated, content_hash, tokens)
+        SELECT res_type, res_id, version, last_updated, md5(content::text)::uuid, '{{}}'
+        FROM h"""))
+    conn.execute(text("ANALYZE resource"))
+    base = [("_sort", "_lastUpdated"), ("_total", "none"), ("_count", "50")]
+    bundle = run(conn, "Observation", [*base, ("_offset", str(N_DEEP - 100))])
+    deep_ids = matches(bundle)
+    cursor = dict(link(bundle, "next") or [])["_cursor"]
+
+    def timed(params: list[tuple[str, str]]) -> tuple[float, list[str]]:
+        best = float("inf")
+        for _ in range(5):
+            started = time.perf_counter()
+            got = matches(run(conn, "Observation", params))
+            best = min(best, time.perf_counter() - started)
+        return best * 1000, got
+
+    by_offset_ms, by_offset = timed([*base, ("_offset", str(N_DEEP - 50))])
+    by_cursor_ms, by_cursor = timed([*base, ("_cursor", cursor)])
+    first_ms, _ = timed(base)
+    assert by_cursor == by_offset == [f"o{i}" for i in range(N_DEEP - 49, N_DEEP + 1)]
+    assert deep_ids[-1] == f"o{N_DEEP - 50}"
+    print(f"page at row {N_DEEP - 50} of {N_DEEP}: _offset {by_offset_ms:.1f} ms, "
+          f"_cursor {by_cursor_ms:.1f} ms, first page {first_ms:.1f} ms")
+    assert by_cursor_ms * 3 < by_offset_ms
