@@ -65,6 +65,29 @@ _VID = {"name": "vid", "in": "path", "required": True,
 _COUNT = {"name": "_count", "in": "query", "schema": {"type": "integer", "minimum": 1}}
 
 
+def _query(name: str, description: str, example: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": name, "in": "query", "schema": {"type": "string"},
+                           "description": description}
+    if example is not None:
+        out["example"] = example
+    return out
+
+
+# The result parameters of a search (core.fhir.search_controls); criteria are the type's own
+# search parameters, listed per type in the CapabilityStatement.
+_SEARCH_RESULTS = (
+    _query("_cursor", "Where the page starts: copy it from the `next` link, never build it."),
+    _query("_sort", "Sort keys, `-` for descending; ties by id.", "-date,code"),
+    _query("_include", "Type:param[:Target] or Type:*; `_include:iterate` one level.",
+           "Observation:subject"),
+    _query("_revinclude", "Type:param[:Target] or Type:*; `_revinclude:iterate` one level.",
+           "Observation:subject"),
+    _query("_total", "accurate (default), estimate or none.", "none"),
+    _query("_summary", "count, true, text, data or false.", "count"),
+    _query("_elements", "Top-level elements to keep (mandatory ones stay).", "name,gender"),
+)
+
+
 @dataclass(frozen=True)
 class Route:
     path: str
@@ -96,7 +119,7 @@ ROUTES: tuple[Route, ...] = (
                    "202": ("Accepted as a job", _PROGRESS), **_fhir_errors()}),
     Route("/fhir/metadata", "GET", "The CapabilityStatement", "FHIR", open=True,
           answers={"200": ("CapabilityStatement", None)}),
-    Route("/fhir/{rtype}", "GET", "Search", "FHIR", (_RTYPE, _COUNT),
+    Route("/fhir/{rtype}", "GET", "Search", "FHIR", (_RTYPE, _COUNT, *_SEARCH_RESULTS),
           answers={"200": ("A searchset Bundle", None), **_fhir_errors()}),
     Route("/fhir/{rtype}", "POST", "Create (If-None-Exist or ?params: conditional create)",
           "FHIR", (_RTYPE,), _PATIENT,
