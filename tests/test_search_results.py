@@ -363,6 +363,8 @@ def test_chains_and_has(clinic: Connection, rtype: str, params, expected: list[s
         ([("_has:Observation:patient", "x")], "expected"),
         ([("_has:Observation:code:status", "x")], "not a reference"),
         ([("_has:Observation:patient:_has:Encounter:subject:status", "x")], "one level"),
+        ([("subject:Patient._count", "1")], "not a search criterion"),
+        ([("_has:Observation:patient:_sort", "code")], "not supported"),
     ],
 )
 def test_bad_chains_are_400(clinic: Connection, params, why: str) -> None:

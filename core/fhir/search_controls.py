@@ -353,7 +353,10 @@ def _has(resource_type: str, raw_name: str, value: str) -> Join:
 def _inner_query(resource_type: str, inner: str, value: str, raw_name: str) -> Query:
     # Strict: an unknown inner parameter cannot be dropped without widening the join.
     try:
-        return parse_query(resource_type, [(inner, value)], strict=True)
+        q = parse_query(resource_type, [(inner, value)], strict=True)
     except FhirError as err:
         err.expression = [raw_name]
         raise
+    if not q.clauses:  # `subject:Patient._count=1` would join every Patient
+        raise _bad(raw_name, f"'{inner}' is not a search criterion of {resource_type}")
+    return q
