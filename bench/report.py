@@ -18,11 +18,16 @@ from rich.table import Table
 __all__ = [
     "Run",
     "Series",
+    "Target",
     "percentile",
     "render_markdown",
     "render_pg_activity",
     "render_tables",
+    "render_targets",
+    "render_targets_markdown",
     "series_from_json",
+    "summary_markdown",
+    "targets",
 ]
 
 
@@ -192,6 +197,9 @@ EXTRA_COLUMNS = {
     "api_rss_over_body": ("API RSS ÷ body", 2),
     "api_rss_growth_mb": ("API RSS growth MB", 0),
     "setup_s": ("setup s", 1),
+    "transactions_per_s": ("tx/s", 0),
+    "offered_per_s": ("offered tx/s", 0),
+    "send_lag_p99_ms": ("client send lag p99 ms", 1),
 }
 
 
@@ -287,3 +295,147 @@ def render_markdown(series: list[Series]) -> str:
             f"{_per_entry_text(s)} | {_cpu_text(s)} | {target} |"
         )
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- issue targets
+
+# The in-memory peer of the issue (Medplum's fhir-router, no database) on this machine.
+PEER_RESOURCES_PER_S = 2_300
+W3_TARGET = 5_000
+W5_P99_MS = 50.0
+W7_OVER_EMPTY = 0.8
+W1_OVER_COPY = 0.8
+RSS_OVER_BODY = 2.0
+UPLOAD_MB = 200
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of the issue on one run: what was asked, what was measured against which
+    baseline, and whether it was met (None: the workload did not run)."""
+
+    name: str
+    target: str
+    measured: str
+    baseline: str
+    met: bool | None
+
+
+def _find(series: list[Series], workload: str, *labels: str) -> Series | None:
+    """The first series of `workload` whose label starts with one of `labels`, in that order
+    of preference (no labels: the first of the workload)."""
+    group = [s for s in series if s.workload == workload]
+    for label in labels:
+        for s in group:
+            if s.label.startswith(label):
+                return s
+    return group[0] if group and not labels else None
+
+
+def _not_run(name: str, target: str, why: str) -> Target:
+    return Target(name, target, why, "–", None)
+
+
+def _w1(series: list[Series]) -> Target:
+    name, goal = "W1 async batch of 100k creates", f"≥ {W1_OVER_COPY}× COPY"
+    s = _find(series, "W1", "100,000 creates") or _find(series, "W1")
+    if s is None or s.ratio is None:
+        return _not_run(name, goal, "W1 not run")
+    size = "" if s.label.startswith("100,000") else f" (at {s.label}: not the target's size)"
+    return Target(name, goal, f"{s.ratio:.2f}× ({_n(s.median)} entries/s){size}",
+                  f"COPY {_n(s.baseline_median)} rows/s", s.ratio >= W1_OVER_COPY and not size)
+
+
+def _w3(series: list[Series]) -> Target:
+    name, goal = "W3 Synthea transactions", f"≥ {W3_TARGET:,} resources/s"
+    s = _find(series, "W3", "20 patient transactions")
+    which = "real Synthea"
+    if s is None:
+        s, which = _find(series, "W3", ""), "Synthea-like (run --synthea for the real ones)"
+    if s is None:
+        return _not_run(name, goal, "W3 not run")
+    peer = s.median / PEER_RESOURCES_PER_S
+    return Target(name, goal, f"{_n(s.median)} resources/s, {which}",
+                  f"in-memory peer ~{PEER_RESOURCES_PER_S:,}/s ({peer:.1f}×); "
+                  f"COPY {_n(s.baseline_median)} rows/s", s.median >= W3_TARGET)
+
+
+def _w5(series: list[Series]) -> Target:
+    name, goal = "W5 sync 10-entry transactions", f"p99 ≤ {W5_P99_MS:g} ms at half of peak"
+    half = _find(series, "W5", "open loop at half of peak")
+    peak = _find(series, "W5", "peak")
+    if half is None or peak is None:
+        return _not_run(name, goal, "W5 not run")
+    p50, p99 = half.median_of(lambda r: r.p50_ms), half.median_of(lambda r: r.p99_ms)
+    return Target(name, goal,
+                  f"p99 {_ms(p99)} ms (p50 {_ms(p50)}) at {_n(half.extra('offered_per_s'))} "
+                  f"tx/s offered", f"peak {_n(peak.extra('transactions_per_s'))} tx/s "
+                  f"(p99 {_ms(peak.median_of(lambda r: r.p99_ms))} ms saturated)",
+                  p99 is not None and p99 <= W5_P99_MS)
+
+
+def _w7(series: list[Series]) -> Target:
+    """W7's series: the loaded store's rate over the empty store's, as its runs' extra
+    `over_empty`, or else from a series whose label mentions the empty store and another."""
+    name, goal = "W7 load into a 10M-resource store", f"≥ {W7_OVER_EMPTY}× empty-store rate"
+    group = [s for s in series if s.workload == "W7"]
+    if not group:
+        return _not_run(name, goal, "W7 not run")
+    loaded = next((s for s in group if s.extra("over_empty") is not None), None)
+    empty = next((s for s in group if "empty" in s.label.lower()), None)
+    if loaded is not None:
+        over = loaded.extra("over_empty") or 0.0
+    else:
+        loaded = next((s for s in group if s is not empty), None)
+        if loaded is None or empty is None or not empty.median:
+            return _not_run(name, goal, "W7 ran without an empty-store rate")
+        over = loaded.median / empty.median
+    base = f"empty store {_n(empty.median)} {empty.unit}" if empty is not None else "empty store"
+    return Target(name, goal, f"{over:.2f}× ({_n(loaded.median)} {loaded.unit}, {loaded.label})",
+                  base, over >= W7_OVER_EMPTY)
+
+
+def _memory(series: list[Series]) -> Target:
+    name, goal = f"API memory, {UPLOAD_MB} MB upload", f"RSS ≤ {RSS_OVER_BODY:g}× body"
+    s = _find(series, "W4")
+    over, body = (s.extra("api_rss_over_body"), s.extra("body_mb")) if s else (None, None)
+    if over is None or body is None:
+        return _not_run(name, goal, "W4 not run")
+    short = body < UPLOAD_MB * 0.95
+    size = f" (at {body:,.0f} MB: not the target's size)" if short else ""
+    return Target(name, goal, f"{over:.2f}× the body{size}",
+                  f"body {body:,.0f} MB, largest API process {over * body:,.0f} MB",
+                  over <= RSS_OVER_BODY and not short)
+
+
+def targets(series: list[Series]) -> list[Target]:
+    """The issue's targets, each from the series of this run that measures it."""
+    return [_w1(series), _w3(series), _w5(series), _w7(series), _memory(series)]
+
+
+def _verdict(t: Target) -> str:
+    return "not run" if t.met is None else ("met" if t.met else "MISSED")
+
+
+def render_targets(series: list[Series], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title="Targets (issue 11), this run", title_justify="left")
+    for column in ("target", "asked", "measured", "baseline", ""):
+        table.add_column(column)
+    for t in targets(series):
+        table.add_row(t.name, t.target, t.measured, t.baseline, _verdict(t))
+    console.print(table)
+
+
+def render_targets_markdown(series: list[Series]) -> str:
+    lines = ["| target | asked | measured | baseline | |", "| --- | --- | --- | --- | --- |"]
+    for t in targets(series):
+        lines.append(f"| {t.name} | {t.target} | {t.measured} | {t.baseline} | "
+                     f"**{_verdict(t)}** |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(series: list[Series]) -> str:
+    """What `--markdown` writes (the README's Performance tables): the workloads, then the
+    targets."""
+    return render_markdown(series) + "\n" + render_targets_markdown(series)

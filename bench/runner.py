@@ -23,14 +23,16 @@ from bench.monitor import Monitor
 from bench.profile import Profiler
 from bench.report import (
     Series,
-    render_markdown,
     render_pg_activity,
     render_tables,
+    render_targets,
     series_from_json,
+    summary_markdown,
 )
 from bench.services import DEFAULT_DATABASE, bench_services
 from bench.stack import Stack, StackOptions
 from bench.workloads import QUICK, Bench, Sizes
+from runtime.processes import WORKER_CLASS
 
 __all__ = ["ALL_WORKLOADS", "BenchOptions", "load_results", "run_bench"]
 
@@ -101,7 +103,7 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> list[Series
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": _machine(),
         "sizes": asdict(sizes),
-        "stack": asdict(opts.stack),
+        "stack": {**asdict(opts.stack), "api_worker_class": WORKER_CLASS},
     }
     with contextlib.ExitStack() as exits:
         services = exits.enter_context(bench_services(opts.database, keep=opts.keep_database))
@@ -114,9 +116,9 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> list[Series
         exits.callback(stack.stop)
         stack.start_api()
         stack.start_worker()
-        console.print(f"API {stack.base_url} ({opts.stack.api_workers} × "
-                      f"{opts.stack.api_threads} gthread), worker ×{stack.concurrency}; "
-                      f"logs in {log_dir}")
+        console.print(f"API {stack.base_url} ({opts.stack.api_workers} processes × "
+                      f"{opts.stack.api_threads} threads, worker class {WORKER_CLASS}), "
+                      f"worker ×{stack.concurrency}; logs in {log_dir}")
         client = JobClient(stack.origin, services.token)
         monitor = Monitor(stack.pids, services.database, database_url=services.database_url)
         exits.callback(monitor.close)
@@ -155,6 +157,7 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> list[Series
             console.print(f"[bold]profile {key}[/bold]\n{p.text(15)}")
     console.rule("summary")
     render_tables(results, console)
+    render_targets(results, console)
     console.print(f"fhirq bench: {meta['seconds']:.0f} s in all")
     if opts.output is not None:
         opts.output.parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +170,7 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> list[Series
 
 
 def _write_markdown(path: Path, results: list[Series], meta: dict[str, Any]) -> None:
-    text = render_markdown(results)
+    text = summary_markdown(results)
     if str(path) == "-":
         print(text, end="")
     else:

@@ -1,6 +1,7 @@
-"""The product under test, as real processes: the API under gunicorn (gthread) and Celery
-worker(s), started with exactly the command lines `fhirq api` / `fhirq worker` use
-(runtime/processes.py), against the benchmark's database and broker.
+"""The product under test, as real processes: the API under gunicorn (fhirq's gthread variant,
+runtime.processes.WORKER_CLASS) and Celery worker(s), started with exactly the command lines
+`fhirq api` / `fhirq worker` use (runtime/processes.py), against the benchmark's database and
+broker.
 
 `Stack` starts, restarts (a different worker concurrency) and stops them, and knows their pids
 for the resource monitor. Their output goes to log files in `log_dir`; a process that dies is

@@ -82,7 +82,7 @@ def bench(
     processes, each beside a COPY of the same rows into tables with the same indexes."""
     from rich.console import Console
 
-    from bench.report import render_markdown, render_tables
+    from bench.report import render_tables, render_targets, summary_markdown
     from bench.runner import BenchOptions, load_results, run_bench
     from bench.stack import StackOptions
 
@@ -93,8 +93,9 @@ def bench(
         console.print(f"{from_json}: `{meta.get('command')}` at {meta.get('started_at')}, "
                       f"{meta.get('seconds')} s")
         render_tables(series, console)
+        render_targets(series, console)
         if markdown is not None:
-            text = render_markdown(series)
+            text = summary_markdown(series)
             if str(markdown) == "-":
                 click.echo(text, nl=False)
             else:

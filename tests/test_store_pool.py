@@ -1,0 +1,93 @@
+"""The store's connection pool against real PostgreSQL: a pooled connection whose server session
+died while it sat idle is found by a ping and replaced before anyone uses it; one back in the
+pool a moment ago is used without that round trip (and a dead one then fails its statement, is
+discarded, and the next checkout is fine); FHIRQ_SYNCHRONOUS_COMMIT=off reaches the session."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import psycopg2
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import DBAPIError
+
+from core.store import db
+
+
+@pytest.fixture
+def pool_engine(db_url: str) -> Iterator[Engine]:
+    """An engine of its own (get_engine caches one per URL): a distinct application_name."""
+    url = f"{db_url}?application_name=fhirq_pool_probe_{time.monotonic_ns()}"
+    engine = db.get_engine(url)
+    yield engine
+    engine.dispose()
+    db.get_engine.cache_clear()
+
+
+def _backend(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def _terminate(db_url: str, pid: int) -> None:
+    admin = psycopg2.connect(db_url)
+    try:
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+            assert cur.fetchone()[0] is True
+    finally:
+        admin.close()
+
+
+def test_an_idle_connection_whose_session_died_is_replaced_before_use(
+    pool_engine: Engine, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 0.2)
+    first = _backend(pool_engine)  # the connection goes back to the pool
+    _terminate(db_url, first)  # as a database restart or a dropped link would
+    time.sleep(0.3)
+    second = _backend(pool_engine)  # no error: the ping found it dead, a new one answered
+    assert second != first
+    assert _backend(pool_engine) == second  # and that one is kept
+
+
+def test_a_connection_just_returned_is_used_without_a_ping(
+    pool_engine: Engine, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 60.0)
+    first = _backend(pool_engine)
+    _terminate(db_url, first)
+    # No ping went out, so the dead session shows only when the statement is sent: this is
+    # the round trip a busy API no longer pays on every request.
+    with pytest.raises(DBAPIError) as caught, pool_engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    assert caught.value.connection_invalidated
+    assert _backend(pool_engine) != first  # discarded; the next checkout connects afresh
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, "on"), ("off", "off"), ("on", "on")])
+def test_synchronous_commit_is_opt_in(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, setting: str | None, expected: str
+) -> None:
+    if setting is None:
+        monkeypatch.delenv("FHIRQ_SYNCHRONOUS_COMMIT", raising=False)
+    else:
+        monkeypatch.setenv("FHIRQ_SYNCHRONOUS_COMMIT", setting)
+    engine = db.get_engine(f"{db_url}?application_name=fhirq_commit_{setting}")
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == expected
+    finally:
+        engine.dispose()
+        db.get_engine.cache_clear()
+
+
+def test_a_misspelt_synchronous_commit_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.config import get_settings
+
+    monkeypatch.setenv("FHIRQ_SYNCHRONOUS_COMMIT", "offf")
+    with pytest.raises(ValueError, match="FHIRQ_SYNCHRONOUS_COMMIT"):
+        get_settings()
