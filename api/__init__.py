@@ -12,6 +12,11 @@ from core.config import Settings, get_settings
 def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["FHIRQ"] = settings or get_settings()
+    from core.store.db import ping_only_after_idle
+
+    # No `SELECT 1` round trip before every request's transaction: only a connection idle for
+    # a second is checked first (core.store.db); the request transactions survive a dead one.
+    ping_only_after_idle(1.0)
 
     from api import auth, errors, fhir, health, ids, jobs, metrics, openapi, ui
     from api.guard import guard

@@ -1,7 +1,9 @@
 """The store's connection pool against real PostgreSQL: a pooled connection whose server session
-died while it sat idle is found by a ping and replaced before anyone uses it; one back in the
-pool a moment ago is used without that round trip (and a dead one then fails its statement, is
-discarded, and the next checkout is fine); FHIRQ_SYNCHRONOUS_COMMIT=off reaches the session."""
+died is found by a ping and replaced before anyone uses it (on every reuse by default, as the
+workers run; after a second idle in the API); one back in the pool a moment ago is then used
+without that round trip (a dead one fails its statement and is discarded, and a request
+transaction runs once more on a new connection); FHIRQ_SYNCHRONOUS_COMMIT=off reaches the
+session."""
 
 from __future__ import annotations
 
@@ -10,10 +12,11 @@ from collections.abc import Iterator
 
 import psycopg2
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from core.store import db
+from core.store.retry import in_transaction
 
 
 @pytest.fixture
@@ -52,6 +55,42 @@ def test_an_idle_connection_whose_session_died_is_replaced_before_use(
     second = _backend(pool_engine)  # no error: the ping found it dead, a new one answered
     assert second != first
     assert _backend(pool_engine) == second  # and that one is kept
+
+
+def test_by_default_every_reuse_is_pinged(pool_engine: Engine, db_url: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 0.0)
+    first = _backend(pool_engine)
+    _terminate(db_url, first)
+    assert _backend(pool_engine) != first  # at once: no error
+
+
+def test_the_api_pings_only_connections_idle_for_a_second(db_url: str) -> None:
+    from api import create_app
+
+    saved = db.PING_AFTER_IDLE_SECONDS
+    try:
+        create_app()
+        assert db.PING_AFTER_IDLE_SECONDS == 1.0
+    finally:
+        db.ping_only_after_idle(saved)
+
+
+def test_a_request_transaction_survives_a_dead_pooled_connection(
+    pool_engine: Engine, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 60.0)
+    first = _backend(pool_engine)
+    _terminate(db_url, first)
+    backends: list[int] = []
+
+    def work(conn: Connection) -> int:
+        backends.append(int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one()))
+        return backends[-1]
+
+    # The first run's statement met the dead session; nothing was committed, so it ran again.
+    assert in_transaction(pool_engine, work) != first
+    assert len(backends) == 1  # the failed statement never returned a pid
 
 
 def test_a_connection_just_returned_is_used_without_a_ping(

@@ -32,8 +32,16 @@ _DEAD_PEER_CLIENT = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval
                      "keepalives_count": 3, "tcp_user_timeout": 15000}
 
 
-# A pooled connection idle longer than this is pinged before use (see _ping_if_idle).
-PING_AFTER_IDLE_SECONDS = 1.0
+# A pooled connection idle longer than this is pinged before use (see _ping_if_idle): 0 pings
+# every reuse (as SQLAlchemy's pool_pre_ping would), what workers keep (one ping per chunk is
+# nothing, and it spares a task retry after a database restart); the API process sets 1 s.
+PING_AFTER_IDLE_SECONDS = 0.0
+
+
+def ping_only_after_idle(seconds: float) -> None:
+    """Ping pooled connections of this process only when they were idle `seconds` or more."""
+    global PING_AFTER_IDLE_SECONDS
+    PING_AFTER_IDLE_SECONDS = seconds
 
 
 @lru_cache(maxsize=4)
@@ -67,13 +75,14 @@ def get_engine(url: str | None = None) -> Engine:
     return engine
 
 
-# Pessimistic disconnect handling, for connections that may have gone stale only. SQLAlchemy's
-# pool_pre_ping sends a `SELECT 1` before every use: a round trip through a busy server per
-# request (15 % of an API process's wall-clock samples at W5's peak, waiting). A connection
-# back in the pool within the last second is used as it is; one idle longer (long enough for
-# a database restart or a dropped link to have gone unseen) is pinged first and replaced if
-# the ping fails. A connection in use when the server goes away fails its statement as
-# before, and SQLAlchemy then discards it.
+# Pessimistic disconnect handling, for connections that may have gone stale. SQLAlchemy's
+# pool_pre_ping sends a `SELECT 1` before every use: for the API a round trip through a busy
+# server per request (15 % of an API process's wall-clock samples at W5's peak, waiting). With
+# a threshold, a connection back in the pool within it is used as it is; one idle longer (long
+# enough for a database restart or a dropped link to have gone unseen) is pinged first and
+# replaced if the ping fails. A connection that turns out dead in use fails its statement, and
+# SQLAlchemy discards it and every pooled connection older than it; the API's request
+# transactions then run once more on a new one (core.store.retry.in_transaction).
 
 def _note_idle(dbapi_conn: Any, record: Any) -> None:
     record.info["idle_since"] = time.monotonic()
@@ -81,8 +90,10 @@ def _note_idle(dbapi_conn: Any, record: Any) -> None:
 
 def _ping_if_idle(dbapi_conn: Any, record: Any, proxy: Any) -> None:
     since = record.info.get("idle_since")
-    if since is None or time.monotonic() - since < PING_AFTER_IDLE_SECONDS:
-        return  # new (just connected), or back in the pool a moment ago
+    if since is None:
+        return  # just connected
+    if PING_AFTER_IDLE_SECONDS and time.monotonic() - since < PING_AFTER_IDLE_SECONDS:
+        return  # back in the pool a moment ago
     try:
         with dbapi_conn.cursor() as cur:
             cur.execute("SELECT 1")

@@ -59,14 +59,41 @@ def retry_conflicts(attempt: Callable[[], T], *, attempts: int = ATTEMPTS,
     raise AssertionError("unreachable")
 
 
+class _LostBeforeCommit(Exception):
+    """The connection died while `work` ran: the server rolled the transaction back."""
+
+    def __init__(self, error: DBAPIError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def in_transaction(engine: Engine, work: Callable[[Connection], T], *,
                    attempts: int = ATTEMPTS, what: str = "transaction") -> T:
     """`work(conn)` in a transaction of its own, committed when it returns (a conflict at
-    commit is retried too)."""
+    commit is retried too). A connection found dead while `work` runs (a pooled one whose
+    server session ended: a database restart, a dropped link) is replaced and `work` runs
+    once more: nothing of it was committed. One lost at COMMIT is raised, as the outcome is
+    then unknown."""
+
+    def once() -> T:
+        with engine.begin() as conn:
+            try:
+                return work(conn)
+            except DBAPIError as exc:
+                if exc.connection_invalidated:
+                    raise _LostBeforeCommit(exc) from exc
+                raise
 
     def attempt() -> T:
-        with engine.begin() as conn:
-            return work(conn)
+        try:
+            return once()
+        except _LostBeforeCommit as lost:
+            log.warning("%s: the database connection was lost (%s); running it again on a "
+                        "new one", what, type(lost.error.orig).__name__)
+        try:
+            return once()
+        except _LostBeforeCommit as lost:
+            raise lost.error from None
 
     return retry_conflicts(attempt, attempts=attempts, what=what)
 
