@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import io
+import os
 import random
 import time
 from collections import defaultdict
@@ -44,6 +45,9 @@ class Accounting:
     gc_seconds: float = 0.0
     gc_collections: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     wall: float = 0.0
+    # CPU seconds of the PostgreSQL backends that served the run (a local server only): less
+    # sensitive to a busy machine than wall time.
+    backend_cpu: float | None = None
 
     def report(self, entries: int) -> str:
         sql_total = sum(self.sql.values())
@@ -54,6 +58,9 @@ class Accounting:
                  f"  garbage collector  {self.gc_seconds:7.2f} s  "
                  f"{self.gc_seconds / self.wall:5.1%}  collections by generation "
                  f"{dict(self.gc_collections)}",
+                 *([f"  PostgreSQL backends' CPU {self.backend_cpu:5.2f} s = "
+                    f"{self.backend_cpu / entries * 1e6:,.0f} µs/entry"]
+                   if self.backend_cpu is not None else []),
                  f"  other Python       {python:7.2f} s  {python / self.wall:5.1%}",
                  "  SQL by statement:"]
         for name, seconds in sorted(self.sql.items(), key=lambda kv: -kv[1]):
@@ -68,7 +75,12 @@ def accounting(engine: Engine) -> Iterator[Accounting]:
     starts: list[float] = []
     gc_start: list[float] = []
 
+    backends: dict[int, float | None] = {}  # pid → its CPU seconds when first seen
+
     def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        pid = conn.connection.dbapi_connection.info.backend_pid
+        if pid not in backends:
+            backends[pid] = _cpu_seconds(pid)
         starts.append(time.perf_counter())
 
     def after(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
@@ -104,10 +116,23 @@ def accounting(engine: Engine) -> Iterator[Accounting]:
         yield acc
     finally:
         acc.wall = time.perf_counter() - t0
+        spent = [(_cpu_seconds(pid), first) for pid, first in backends.items()]
+        if spent and all(now is not None and first is not None for now, first in spent):
+            acc.backend_cpu = sum(now - first for now, first in spent)  # type: ignore[operator]
         bulk.copy_in = copy_in  # type: ignore[assignment]
         gc.callbacks.remove(on_gc)
         event.remove(engine, "before_cursor_execute", before)
         event.remove(engine, "after_cursor_execute", after)
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of a local process (None if it is not visible here)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _accept(engine: Engine, body: bytes, chunk_size: int) -> str:
