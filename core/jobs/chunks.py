@@ -87,7 +87,8 @@ WITH j AS (
     SELECT min(e.idx) AS lo, max(e.idx) AS hi FROM (
         SELECT e.idx FROM job_entry e, j
         WHERE e.job_id = :job AND e.idx >= j.claimed_upto
-          AND NOT EXISTS (SELECT 1 FROM job_result r WHERE r.job_id = e.job_id AND r.idx = e.idx)
+          AND NOT EXISTS (SELECT 1 FROM job_result r WHERE r.job_id = :job AND r.idx = e.idx
+                          AND r.idx >= j.claimed_upto)
         ORDER BY e.idx LIMIT :n
     ) e
 ), u AS (

@@ -217,7 +217,8 @@ def _unclaimed(conn: Connection, job_id: str, cursor: int, at_most: int) -> int:
             SELECT count(*) FROM (
                 SELECT 1 FROM job_entry e
                 WHERE e.job_id = :id AND e.idx >= :cursor AND NOT EXISTS (
-                    SELECT 1 FROM job_result r WHERE r.job_id = e.job_id AND r.idx = e.idx)
+                    SELECT 1 FROM job_result r
+                    WHERE r.job_id = :id AND r.idx = e.idx AND r.idx >= :cursor)
                 LIMIT :n
             ) e
             """
@@ -264,7 +265,8 @@ def recover_chunks(conn: Connection, inflight: int, job_id: str | None = None
             text(
                 "SELECT e.idx FROM job_entry e WHERE e.job_id = :job "
                 "AND e.idx BETWEEN :lo AND :hi AND NOT EXISTS (SELECT 1 FROM job_result r "
-                "WHERE r.job_id = e.job_id AND r.idx = e.idx) ORDER BY e.idx"
+                "WHERE r.job_id = :job AND r.idx = e.idx AND r.idx BETWEEN :lo AND :hi) "
+                "ORDER BY e.idx"
             ),
             {"job": c.job_id, "lo": c.lo, "hi": c.hi},
         ).scalars().all()

@@ -78,10 +78,13 @@ SELECT id, kind, state, owner, base_url, prefer_return, chunk_size, gen, scopes,
 FROM job WHERE id = :id
 """
 
+# Pending: no result row. The range is repeated on job_result so that the anti-join reads the
+# chunk's results only, never all of a large job's.
 _ENTRIES = """
 SELECT e.idx, e.request::text AS request FROM job_entry e
 WHERE e.job_id = :id AND e.idx BETWEEN :lo AND :hi
-  AND NOT EXISTS (SELECT 1 FROM job_result r WHERE r.job_id = e.job_id AND r.idx = e.idx)
+  AND NOT EXISTS (SELECT 1 FROM job_result r
+                  WHERE r.job_id = :id AND r.idx = e.idx AND r.idx BETWEEN :lo AND :hi)
 ORDER BY e.idx
 """
 

@@ -169,7 +169,7 @@ def list_entries(
     rows = conn.execute(
         text(
             f"SELECT e.idx, {_RESULT_COLUMNS}, r.outcome FROM job_entry e "
-            "LEFT JOIN job_result r ON r.job_id = e.job_id AND r.idx = e.idx "
+            "LEFT JOIN job_result r ON r.job_id = :id AND r.idx = e.idx AND r.idx > :after "
             f"WHERE e.job_id = :id AND e.idx > :after {ENTRY_FILTERS[outcome]} "
             "ORDER BY e.idx LIMIT :count"
         ),
