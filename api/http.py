@@ -62,6 +62,7 @@ def context(req: Request | None = None) -> Context:
     return Context(
         base_url=base_url(req),
         prefer_return=prefer_return(req),
+        strict_search=prefer(req).get("handling", "").lower() == "strict",
         owner=g.get("owner", "anonymous"),
         # A request that was not authenticated holds nothing (api.auth sets the principal).
         permissions=principal.permissions if principal is not None else Permissions(),

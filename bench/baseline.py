@@ -1,6 +1,6 @@
 """The raw PostgreSQL baseline: COPY of a workload's resource rows, as the store would hold them,
 into scratch tables created `LIKE <store table> INCLUDING ALL` (same columns, same indexes:
-the tokens GIN, the date and last_updated btrees, the string index).
+the tokens GIN, the last_updated btree, the string, date and number indexes).
 
 It stays the yardstick issue 11 defined: the content goes into both the resource table and the
 history table, as the store did before it kept a version's content once (in history only). The
@@ -8,9 +8,9 @@ scratch resource table is the store's plus a `content` column (its `content_hash
 the baseline copies each resource's JSON twice while the product writes it once.
 
 The rows are what the engine writes for the same resources — stored content (id set, server
-meta removed), `tokens`, `date_lo` / `date_hi` and the `resource_string` rows, all computed by
-`core.fhir.search_params.extract_index` — prepared in memory beforehand, so the timed part is
-PostgreSQL alone: three COPYs (resource, history, strings) and the commit.
+meta removed), `tokens` and the `resource_string`, `resource_date` and `resource_number` rows,
+all computed by `core.fhir.search_index.extract_index` — prepared in memory beforehand, so the
+timed part is PostgreSQL alone: five COPYs and the commit.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 import psycopg2
 
-from core.fhir.search_params import extract_index
+from core.fhir.search_index import extract_index
 
 __all__ = ["CopyRows", "copy_rows", "prepare_rows", "resolve_placeholders", "time_copy"]
 
@@ -34,6 +34,8 @@ SCRATCH = {
     "resource": "bench_resource",
     "resource_history": "bench_resource_history",
     "resource_string": "bench_resource_string",
+    "resource_date": "bench_resource_date",
+    "resource_number": "bench_resource_number",
 }
 
 
@@ -45,10 +47,13 @@ class CopyRows:
     history: bytes
     strings: bytes
     count: int
+    dates: bytes = b""
+    numbers: bytes = b""
 
     @property
     def bytes(self) -> int:
-        return len(self.resource) + len(self.history) + len(self.strings)
+        return (len(self.resource) + len(self.history) + len(self.strings) + len(self.dates)
+                + len(self.numbers))
 
 
 def _esc(text: str) -> str:
@@ -101,6 +106,7 @@ def prepare_rows(resources: Iterable[dict[str, Any]]) -> CopyRows:
     """COPY text for `resources` (each with resourceType and id) as version 1 of each."""
     now = _ts(datetime.now(UTC))
     res, hist, strings = io.StringIO(), io.StringIO(), io.StringIO()
+    dates, numbers = io.StringIO(), io.StringIO()
     count = 0
     for resource in resources:
         stored = dict(resource)
@@ -112,14 +118,18 @@ def prepare_rows(resources: Iterable[dict[str, Any]]) -> CopyRows:
         stored["id"] = rid
         index = extract_index(stored)
         content = _esc(orjson.dumps(stored).decode())
-        res.write(f"{rtype}\t{rid}\t1\t{now}\tf\t{content}\t{_esc(_array(index.tokens))}\t"
-                  f"{_ts(index.date_lo)}\t{_ts(index.date_hi)}\n")
+        res.write(f"{rtype}\t{rid}\t1\t{now}\tf\t{content}\t{_esc(_array(index.tokens))}\n")
         hist.write(f"{rtype}\t{rid}\t1\t{now}\tf\tPOST\t{content}\n")
         for param, value in index.strings:
             strings.write(f"{rtype}\t{rid}\t{param}\t{_esc(value)}\n")
+        for param, lo, hi in index.dates:
+            dates.write(f"{rtype}\t{rid}\t{param}\t{_ts(lo)}\t{_ts(hi)}\n")
+        for param, system, code, nlo, nhi in index.numbers:
+            numbers.write(f"{rtype}\t{rid}\t{param}\t{_esc(system)}\t{_esc(code)}\t{nlo}\t{nhi}\n")
         count += 1
     return CopyRows(res.getvalue().encode(), hist.getvalue().encode(),
-                    strings.getvalue().encode(), count)
+                    strings.getvalue().encode(), count, dates.getvalue().encode(),
+                    numbers.getvalue().encode())
 
 
 def _ensure_scratch(cur: Any) -> None:
@@ -141,12 +151,16 @@ def copy_rows(database_url: str, rows: CopyRows) -> float:
             t0 = time.perf_counter()
             cur.copy_expert(
                 "COPY bench_resource (res_type, res_id, version, last_updated, deleted, content,"
-                " tokens, date_lo, date_hi) FROM STDIN", io.BytesIO(rows.resource))
+                " tokens) FROM STDIN", io.BytesIO(rows.resource))
             cur.copy_expert(
                 "COPY bench_resource_history (res_type, res_id, version, last_updated, deleted,"
                 " method, content) FROM STDIN", io.BytesIO(rows.history))
             cur.copy_expert("COPY bench_resource_string (res_type, res_id, param, value) "
                             "FROM STDIN", io.BytesIO(rows.strings))
+            cur.copy_expert("COPY bench_resource_date (res_type, res_id, param, lo, hi) "
+                            "FROM STDIN", io.BytesIO(rows.dates))
+            cur.copy_expert("COPY bench_resource_number (res_type, res_id, param, system, code,"
+                            " lo, hi) FROM STDIN", io.BytesIO(rows.numbers))
             conn.commit()
             seconds = time.perf_counter() - t0
         with conn.cursor() as cur:

@@ -1,7 +1,8 @@
-"""Foundation figures, in one process: validation cost per resource (real Synthea resources)
-and the time of a 1,000-entry synchronous batch through the API (Flask app, real PostgreSQL).
+"""Foundation figures, in one process: validation and search-index extraction cost per
+resource (real Synthea resources) and the time of a 1,000-entry synchronous batch through the
+API (Flask app, real PostgreSQL).
 
-    python -m bench.foundation [--runs 5] [--synthea-dir DIR]
+    python -m bench.foundation [--runs 5] [--synthea-dir DIR] [--no-batch]
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -27,18 +29,29 @@ def validation_cost(directory: Path) -> tuple[int, float, dict[str, float]]:
     """(resources, µs per resource overall, µs per resource by type), second pass (warm)."""
     from core.fhir.validation import validate_resource
 
+    return _cost(directory, validate_resource)
+
+
+def index_cost(directory: Path) -> tuple[int, float, dict[str, float]]:
+    """Like `validation_cost`, for the search index extraction done at write time."""
+    from core.fhir.search_index import extract_index
+
+    return _cost(directory, extract_index)
+
+
+def _cost(directory: Path, fn: Callable[[dict], object]) -> tuple[int, float, dict[str, float]]:
     resources = [
         e["resource"]
         for f in sorted(directory.glob("*.json"))
         for e in orjson.loads(f.read_bytes()).get("entry", [])
     ]
-    for r in resources:  # first pass compiles each type's validator
-        validate_resource(r)
+    for r in resources:  # the first pass warms caches (compiled validators)
+        fn(r)
     by_type: dict[str, list[float]] = defaultdict(list)
     t0 = time.perf_counter()
     for r in resources:
         t = time.perf_counter()
-        validate_resource(r)
+        fn(r)
         by_type[r["resourceType"]].append(time.perf_counter() - t)
     total = time.perf_counter() - t0
     per_type = {k: statistics.mean(v) * 1e6 for k, v in by_type.items()}
@@ -71,12 +84,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--synthea-dir", type=Path, default=SYNTHEA)
+    parser.add_argument("--no-batch", action="store_true", help="the per-resource costs only")
     args = parser.parse_args()
     if args.synthea_dir.is_dir():
-        n, mean, per_type = validation_cost(args.synthea_dir)
-        print(f"validation: {n:,} Synthea resources, {mean:.1f} µs per resource (warm)")
-        for rtype, us in sorted(per_type.items(), key=lambda kv: -kv[1])[:5]:
-            print(f"  {rtype:24s} {us:7.1f} µs")
+        for label, cost in (("validation", validation_cost), ("index extraction", index_cost)):
+            n, mean, per_type = cost(args.synthea_dir)
+            print(f"{label}: {n:,} Synthea resources, {mean:.1f} µs per resource (warm)")
+            for rtype, us in sorted(per_type.items(), key=lambda kv: -kv[1])[:5]:
+                print(f"  {rtype:24s} {us:7.1f} µs")
+    if args.no_batch:
+        return
     with bench_services("fhirq_foundation") as services:
         times = sync_batch(services.database_url, args.runs)
     print(f"1,000-entry synchronous batch of Patient creates: median "

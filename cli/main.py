@@ -1,6 +1,6 @@
 """The `fhirq` command: `up` (everything, embedded default), `api`, `worker`, `beat`,
-`db upgrade`. Other modules add subcommands by exposing `register(group: click.Group)` and
-being listed in EXTENSIONS."""
+`db upgrade`, `db reindex`. Other modules add subcommands by exposing
+`register(group: click.Group)` and being listed in EXTENSIONS."""
 
 from __future__ import annotations
 
@@ -143,6 +143,23 @@ def upgrade(revision: str) -> None:
 
     run_upgrade(os.environ["FHIRQ_DATABASE_URL"], revision)
     click.echo(f"database at {revision}")
+
+
+@db.command()
+@click.option("--batch", default=500, show_default=True, help="resources per statement")
+def reindex(batch: int) -> None:
+    """Recompute the search index of every stored resource (after an upgrade that changed
+    it; safe to interrupt and rerun, and while the server runs)."""
+    _require_database_url()
+    from core.store.db import get_engine
+    from core.store.reindex import reindex as run_reindex
+
+    def progress(done: int, last: tuple[str, str]) -> None:
+        click.echo(f"{done} re-indexed, up to {last[0]}/{last[1]}")
+
+    total = run_reindex(get_engine(os.environ["FHIRQ_DATABASE_URL"]), batch=batch,
+                        progress=progress)
+    click.echo(f"done: {total} resources re-indexed")
 
 
 def _register_extensions(group: click.Group) -> None:

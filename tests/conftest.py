@@ -63,7 +63,9 @@ def engine(db_url: str) -> Engine:
     return get_engine(db_url)
 
 
-TABLES_TO_CLEAN: list[str] = ["resource", "resource_history", "resource_string"]
+TABLES_TO_CLEAN: list[str] = [
+    "resource", "resource_history", "resource_string", "resource_date", "resource_number",
+]
 
 
 @pytest.fixture

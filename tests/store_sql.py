@@ -3,8 +3,8 @@ resources with their content (kept once, in resource_history) and the entries wi
 results (job_result; no result row = pending)."""
 
 CURRENT = (
-    "(SELECT r.res_type, r.res_id, r.version, r.last_updated, r.deleted, r.tokens, r.date_lo,"
-    " r.date_hi, h.content FROM resource r LEFT JOIN resource_history h"
+    "(SELECT r.res_type, r.res_id, r.version, r.last_updated, r.deleted, r.tokens,"
+    " h.content FROM resource r LEFT JOIN resource_history h"
     " ON h.res_type = r.res_type AND h.res_id = r.res_id AND h.version = r.version)"
 )
 

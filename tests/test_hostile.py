@@ -591,8 +591,8 @@ def hostile_app(engine: Engine) -> Any:
     from core.config import get_settings
 
     with engine.begin() as c:
-        c.execute(text("TRUNCATE resource, resource_history, resource_string, job, job_entry "
-                       "CASCADE"))
+        c.execute(text("TRUNCATE resource, resource_history, resource_string, resource_date, "
+                       "resource_number, job, job_entry CASCADE"))
     app = create_app(replace(get_settings(), auth="off"))
     app.config["TESTING"] = True
     return app

@@ -27,6 +27,7 @@ from core.fhir.search_params import (
     parse_query,
     supported_params,
 )
+from core.store.repository import WriteRow, delete_resources, write_resources
 
 BASE = "http://fhirq.test/fhir"
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -80,8 +81,11 @@ EXTRACTION_CASES: list[tuple[str, dict[str, Any], set[str], set[tuple[str, str]]
             ("given", "anne"),
             ("name", "dr."),
             ("name", "zoe mueller"),
+            ("name", "muller"),
+            ("name", "zoe"),
+            ("name", "anne"),
         },
-        (dt("1974-12-01T00:00:00"), dt("1974-12-31T23:59:59.999999")),
+        {("birthdate", dt("1974-12-01T00:00:00"), dt("1974-12-31T23:59:59.999999"))},
     ),
     (
         "observation with valueQuantity and effectiveDateTime",
@@ -122,10 +126,10 @@ EXTRACTION_CASES: list[tuple[str, dict[str, Any], set[str], set[tuple[str, str]]
             "encounter:",
         },
         set(),
-        (dt("2014-06-04T07:49:30"), dt("2014-06-04T07:49:30.999999")),
+        {("date", dt("2014-06-04T07:49:30"), dt("2014-06-04T07:49:30.999999"))},
     ),
     (
-        "observation about a group: subject but no patient; absolute reference ignored",
+        "observation about a group: subject but no patient; an absolute reference as written",
         {
             "resourceType": "Observation",
             "id": "o2",
@@ -133,9 +137,15 @@ EXTRACTION_CASES: list[tuple[str, dict[str, Any], set[str], set[tuple[str, str]]
             "encounter": {"reference": "http://elsewhere/fhir/Encounter/e9"},
             "effectivePeriod": {"start": "2020-01-01T10:00:00.250Z"},
         },
-        {"subject:Group/g1", "subject:g1", "subject:"},
+        {
+            "subject:Group/g1",
+            "subject:g1",
+            "subject:",
+            "encounter:http://elsewhere/fhir/Encounter/e9",
+            "encounter:",
+        },
         set(),
-        (dt("2020-01-01T10:00:00.250"), MAX_DT),
+        {("date", dt("2020-01-01T10:00:00.250"), MAX_DT)},
     ),
     (
         "encounter period",
@@ -170,7 +180,7 @@ EXTRACTION_CASES: list[tuple[str, dict[str, Any], set[str], set[tuple[str, str]]
             "practitioner:",
         },
         set(),
-        (dt("2015-03-01T00:00:00"), dt("2015-03-02T12:00:00.999999")),
+        {("date", dt("2015-03-01T00:00:00"), dt("2015-03-02T12:00:00.999999"))},
     ),
     (
         "slot",
@@ -191,7 +201,7 @@ EXTRACTION_CASES: list[tuple[str, dict[str, Any], set[str], set[tuple[str, str]]
             "status:",
         },
         set(),
-        (dt("2025-02-03T09:00:00"), dt("2025-02-03T09:00:00.999999")),
+        {("start", dt("2025-02-03T09:00:00"), dt("2025-02-03T09:00:00.999999"))},
     ),
     (
         "schedule",
@@ -223,7 +233,7 @@ EXTRACTION_CASES: list[tuple[str, dict[str, Any], set[str], set[tuple[str, str]]
         None,
     ),
     (
-        "condition: onset wins over recordedDate",
+        "condition: onset and recordedDate are two parameters",
         {
             "resourceType": "Condition",
             "id": "c1",
@@ -257,10 +267,13 @@ EXTRACTION_CASES: list[tuple[str, dict[str, Any], set[str], set[tuple[str, str]]
             "patient:",
         },
         set(),
-        (dt("2001-01-01T00:00:00"), dt("2001-12-31T23:59:59.999999")),
+        {
+            ("onset-date", dt("2001-01-01T00:00:00"), dt("2001-12-31T23:59:59.999999")),
+            ("recorded-date", dt("2003-04-05T00:00:00"), dt("2003-04-05T23:59:59.999999")),
+        },
     ),
     (
-        "condition: recordedDate when no onset; unresolved references are not indexed",
+        "condition: unresolved references are not indexed",
         {
             "resourceType": "Condition",
             "id": "c2",
@@ -270,7 +283,7 @@ EXTRACTION_CASES: list[tuple[str, dict[str, Any], set[str], set[tuple[str, str]]
         },
         set(),
         set(),
-        (dt("2003-04-05T00:00:00"), dt("2003-04-05T23:59:59.999999")),
+        {("recorded-date", dt("2003-04-05T00:00:00"), dt("2003-04-05T23:59:59.999999"))},
     ),
     (
         "practitioner role with logical (identifier) references, as Synthea writes them",
@@ -294,7 +307,7 @@ EXTRACTION_CASES: list[tuple[str, dict[str, Any], set[str], set[tuple[str, str]]
         "organization name and alias",
         {"resourceType": "Organization", "id": "org", "name": "Hôpital Général", "alias": ["HG"]},
         set(),
-        {("name", "hopital general"), ("name", "hg")},
+        {("name", "hopital general"), ("name", "hg"), ("phonetic", "hopital general")},
         None,
     ),
     (
@@ -325,14 +338,13 @@ def test_extract_index(resource, tokens, strings, dates) -> None:
     assert len(iv.tokens) == len(set(iv.tokens)), "tokens are distinct"
     assert set(iv.strings) == strings
     assert len(iv.strings) == len(set(iv.strings))
-    assert ((iv.date_lo, iv.date_hi) if dates else (iv.date_lo, iv.date_hi)) == (
-        dates or (None, None)
-    )
+    assert set(iv.dates) == (dates or set())
+    assert len(iv.dates) == len(set(iv.dates))
 
 
 def test_period_without_start_runs_from_min() -> None:
     iv = extract_index({"resourceType": "Encounter", "period": {"end": "2020"}})
-    assert (iv.date_lo, iv.date_hi) == (MIN_DT, dt("2020-12-31T23:59:59.999999"))
+    assert iv.dates == [("date", MIN_DT, dt("2020-12-31T23:59:59.999999"))]
 
 
 def test_giant_identifier_is_capped_the_same_way_on_both_sides() -> None:
@@ -352,7 +364,9 @@ def test_supported_params() -> None:
     assert {"schedule", "start", "status"} <= set(supported_params("Slot"))
     assert {"actor"} <= set(supported_params("Schedule"))
     assert {"code", "patient"} <= set(supported_params("MedicationRequest"))
-    assert supported_params("Basic") == ["_id", "_lastUpdated", "identifier"]
+    assert {"_id", "_lastUpdated", "_tag", "identifier", "code", "author"} <= set(
+        supported_params("Basic"))
+    assert {"value-quantity", "combo-code", "_profile"} <= set(supported_params("Observation"))
 
 
 # --------------------------------------------------------------------------- parsing
@@ -362,10 +376,22 @@ STRICT_ERRORS = [
     ("parameter of another type", "Patient", [("code", "x")], "code", "not-supported"),
     ("chained parameter", "Observation", [("subject.name", "x")], "subject.name", "not-supported"),
     ("unsupported result parameter", "Patient", [("_sort", "name")], "_sort", "not-supported"),
+    ("composite parameter", "Observation", [("code-value-quantity", "x$1")],
+     "code-value-quantity", "not-supported"),
+    ("bad number", "RiskAssessment", [("probability", "gt0.5x")], "probability", "value"),
+    ("number with unit", "RiskAssessment", [("probability", "0.5|s|c")], "probability", "value"),
+    ("bad quantity", "Observation", [("value-quantity", "5.4|mg")], "value-quantity", "value"),
+    ("reference target mismatch", "Observation", [("encounter:Patient", "1")],
+     "encounter:Patient", "value"),
+    ("modifier on a quantity", "Observation", [("value-quantity:exact", "1")],
+     "value-quantity:exact", "not-supported"),
+    ("bad uri modifier", "ValueSet", [("url:contains", "http://x")], "url:contains",
+     "not-supported"),
     ("bad date", "Patient", [("birthdate", "ge1974-13")], "birthdate", "value"),
     ("bad date prefix", "Patient", [("birthdate", "xx1974")], "birthdate", "value"),
     ("bad _lastUpdated", "Patient", [("_lastUpdated", "yesterday")], "_lastUpdated", "value"),
-    ("bad token modifier", "Patient", [("gender:text", "male")], "gender:text", "not-supported"),
+    ("bad token modifier", "Patient", [("gender:below", "male")], "gender:below", "not-supported"),
+    ("text on a plain code", "Patient", [("gender:text", "male")], "gender:text", "not-supported"),
     ("bad string modifier", "Patient", [("name:below", "a")], "name:below", "not-supported"),
     (
         "modifier on a date",
@@ -436,7 +462,8 @@ def test_token_values(value, expected) -> None:
         ("subject", "Patient/1", ["subject:Patient/1"]),
         ("subject", "1", ["subject:1"]),
         ("subject:Patient", "1", ["subject:Patient/1"]),
-        ("subject", "http://x.org/fhir/Patient/1/_history/2", ["subject:Patient/1"]),
+        ("subject", "http://x.org/fhir/Patient/1/_history/2",
+         ["subject:Patient/1", "subject:http://x.org/fhir/Patient/1/_history/2"]),
         ("patient", "1,2", ["patient:1", "patient:2"]),
         ("subject:identifier", "sys|9", ["subject:identifier:sys|9"]),
     ],
@@ -457,35 +484,18 @@ def insert(
     at: datetime = T0,
     deleted: bool = False,
 ) -> None:
-    """Store `res` as the writers do: content without meta versionId/lastUpdated + index."""
-    iv = extract_index(res)
-    conn.execute(
-        text(
-            "WITH h AS (INSERT INTO resource_history (res_type, res_id, version, last_updated,"
-            " deleted, method, content) VALUES (:t, :id, :v, :lu, :d, 'PUT', CAST(:c AS jsonb)))"
-            " INSERT INTO resource (res_type, res_id, version, last_updated, deleted,"
-            " content_hash, tokens, date_lo, date_hi) VALUES (:t, :id, :v, :lu, :d,"
-            " md5(CAST(:c AS jsonb)::text)::uuid, :tokens, :lo, :hi)"
-        ),
-        {
-            "t": res["resourceType"],
-            "id": res["id"],
-            "v": version,
-            "lu": at,
-            "d": deleted,
-            "c": json.dumps(res),
-            "tokens": iv.tokens,
-            "lo": iv.date_lo,
-            "hi": iv.date_hi,
-        },
-    )
-    for param, value in iv.strings:
+    """Store `res` as the writers do (content without meta versionId/lastUpdated, its index
+    in every index table), then date it `at`."""
+    key = (res["resourceType"], res["id"])
+    write_resources(conn, [WriteRow(key, res, "PUT", extract_index(res))])
+    if deleted:
+        delete_resources(conn, [key])
+        return
+    for table in ("resource", "resource_history"):
         conn.execute(
-            text(
-                "INSERT INTO resource_string (res_type, res_id, param, value)"
-                " VALUES (:t, :id, :p, :v)"
-            ),
-            {"t": res["resourceType"], "id": res["id"], "p": param, "v": value},
+            text(f"UPDATE {table} SET version = :v, last_updated = :lu WHERE res_type = :t"
+                 " AND res_id = :id"),
+            {"t": key[0], "id": key[1], "v": version, "lu": at},
         )
 
 
@@ -777,39 +787,67 @@ def test_row_to_resource_restores_meta_without_touching_content() -> None:
 
 # --------------------------------------------------------------------------- index use
 
-N_PATIENTS = 20_000
-N_OBSERVATIONS = 180_000
+N_PATIENTS = 100_000
+N_OBSERVATIONS = 880_000
+N_RISKS = 20_000  # one million resources in all
 
 LOAD_SQL = [
-    # Patients: identifier, gender, birthdate, lastUpdated spread out.
+    # Patients: identifier, gender, a profile (uri), lastUpdated spread out.
     f"""
-    INSERT INTO resource (res_type, res_id, version, last_updated, content_hash, tokens,
-                          date_lo, date_hi)
+    INSERT INTO resource (res_type, res_id, version, last_updated, content_hash, tokens)
     SELECT 'Patient', 'p' || i, 1, timestamptz '2020-01-01' + i * interval '1 minute',
            md5(jsonb_build_object('resourceType', 'Patient', 'id', 'p' || i)::text)::uuid,
            ARRAY['identifier:http://hospital/mrn|' || i, 'identifier:*|' || i,
                  'identifier:http://hospital/mrn|', 'identifier:',
-                 'gender:|' || g, 'gender:*|' || g, 'gender:'],
-           d, d + interval '1 day' - interval '1 microsecond'
+                 'gender:|' || g, 'gender:*|' || g, 'gender:',
+                 '_profile:http://example.org/sd/patient-' || (i % 100), '_profile:']
     FROM generate_series(1, {N_PATIENTS}) AS i,
-         LATERAL (SELECT CASE i % 2 WHEN 0 THEN 'male' ELSE 'female' END AS g,
-                         timestamptz '1930-01-01' + (i * 7919 % 30000) * interval '1 day' AS d) x
+         LATERAL (SELECT CASE i % 2 WHEN 0 THEN 'male' ELSE 'female' END AS g) x
     """,
-    # Observations: subject/patient references, 50 codes, effective dates.
     f"""
-    INSERT INTO resource (res_type, res_id, version, last_updated, content_hash, tokens,
-                          date_lo, date_hi)
+    INSERT INTO resource_date (res_type, res_id, param, lo, hi)
+    SELECT 'Patient', 'p' || i, 'birthdate', d, d + interval '1 day' - interval '1 microsecond'
+    FROM generate_series(1, {N_PATIENTS}) AS i,
+         LATERAL (SELECT timestamptz '1930-01-01' + (i * 7919 % 30000) * interval '1 day'
+                  AS d) x
+    """,
+    # Observations: subject/patient references, 50 codes, effective dates, a weight.
+    f"""
+    INSERT INTO resource (res_type, res_id, version, last_updated, content_hash, tokens)
     SELECT 'Observation', 'o' || i, 1, timestamptz '2021-01-01' + i * interval '1 minute',
            md5(jsonb_build_object('resourceType', 'Observation', 'id', 'o' || i)::text)::uuid,
            ARRAY['subject:Patient/p' || p, 'subject:p' || p, 'subject:',
                  'patient:Patient/p' || p, 'patient:p' || p, 'patient:',
                  'code:http://loinc.org|' || c, 'code:*|' || c, 'code:http://loinc.org|',
-                 'code:', 'status:|final', 'status:*|final', 'status:'],
-           d, d + interval '999999 microseconds'
+                 'code:', 'status:|final', 'status:*|final', 'status:']
     FROM generate_series(1, {N_OBSERVATIONS}) AS i,
-         LATERAL (SELECT i % {N_PATIENTS} + 1 AS p, 'c' || (i % 50) AS c,
-                         timestamptz '2000-01-01'
+         LATERAL (SELECT i % {N_PATIENTS} + 1 AS p, 'c' || (i % 50) AS c) x
+    """,
+    f"""
+    INSERT INTO resource_date (res_type, res_id, param, lo, hi)
+    SELECT 'Observation', 'o' || i, 'date', d, d + interval '999999 microseconds'
+    FROM generate_series(1, {N_OBSERVATIONS}) AS i,
+         LATERAL (SELECT timestamptz '2000-01-01'
                          + (i::bigint * 104729 % 700000) * interval '7 minutes' AS d) x
+    """,
+    f"""
+    INSERT INTO resource_number (res_type, res_id, param, system, code, lo, hi)
+    SELECT 'Observation', 'o' || i, 'value-quantity', 'http://unitsofmeasure.org', 'kg', v, v
+    FROM generate_series(1, {N_OBSERVATIONS}) AS i,
+         LATERAL (SELECT (i * 7 % 20000) / 100.0 AS v) x
+    """,
+    # Risk assessments: a probability (a number parameter).
+    f"""
+    INSERT INTO resource (res_type, res_id, version, last_updated, content_hash, tokens)
+    SELECT 'RiskAssessment', 'r' || i, 1, timestamptz '2022-01-01' + i * interval '1 minute',
+           md5(jsonb_build_object('resourceType', 'RiskAssessment', 'id', 'r' || i)::text)::uuid,
+           ARRAY['status:|final', 'status:*|final', 'status:']
+    FROM generate_series(1, {N_RISKS}) AS i
+    """,
+    f"""
+    INSERT INTO resource_number (res_type, res_id, param, system, code, lo, hi)
+    SELECT 'RiskAssessment', 'r' || i, 'probability', '', '', v, v
+    FROM generate_series(1, {N_RISKS}) AS i, LATERAL (SELECT (i % 1000) / 1000.0 AS v) x
     """,
     f"""
     INSERT INTO resource_string (res_type, res_id, param, value)
@@ -820,29 +858,40 @@ LOAD_SQL = [
          LATERAL (VALUES ('family', fam), ('name', fam), ('given', giv), ('name', giv))
                  AS v(param, value)
     """,
-    """
+    # Content (in history) only where a test reads it back: every Patient and RiskAssessment
+    # and the Observations of p77; the plans do not depend on it.
+    f"""
     INSERT INTO resource_history (res_type, res_id, version, last_updated, deleted, method, content)
     SELECT res_type, res_id, version, last_updated, false, 'POST',
            jsonb_build_object('resourceType', res_type, 'id', res_id)
     FROM resource
+    WHERE res_type <> 'Observation' OR substr(res_id, 2)::int % {N_PATIENTS} + 1 = 77
     """,
-    "ANALYZE resource",
-    "ANALYZE resource_history",
-    "ANALYZE resource_string",
 ]
+INDEXED_TABLES = (
+    "resource", "resource_history", "resource_string", "resource_date", "resource_number",
+)
 
 INDEXED_QUERIES = [
-    ("identifier", "Patient", [("identifier", "http://hospital/mrn|4242")]),
-    ("identifier without system", "Patient", [("identifier", "4242")]),
-    ("gender", "Patient", [("gender", "male")]),
-    ("name prefix", "Patient", [("name", "ab")]),
-    ("family prefix", "Patient", [("family", "abc1")]),
-    ("birthdate range", "Patient", [("birthdate", "ge1970-01-01"), ("birthdate", "lt1970-03-01")]),
-    ("birthdate eq", "Patient", [("birthdate", "1970-02")]),
-    ("_lastUpdated", "Patient", [("_lastUpdated", "gt2020-01-10T00:00:00Z")]),
-    ("subject", "Observation", [("subject", "Patient/p77")]),
-    ("patient and code", "Observation", [("patient", "p77"), ("code", "c27")]),
-    ("date", "Observation", [("date", "2003-05-06")]),
+    ("token: identifier", "Patient", [("identifier", "http://hospital/mrn|4242")]),
+    ("token: identifier without system", "Patient", [("identifier", "4242")]),
+    ("token: gender", "Patient", [("gender", "male")]),
+    ("token: code", "Observation", [("code", "http://loinc.org|c27")]),
+    ("reference: subject", "Observation", [("subject", "Patient/p77")]),
+    ("reference and token", "Observation", [("patient", "p77"), ("code", "c27")]),
+    ("string: name prefix", "Patient", [("name", "ab")]),
+    ("string: family prefix", "Patient", [("family", "abc1")]),
+    ("string: exact", "Patient", [("family:exact", "abc1")]),
+    ("date: birthdate range", "Patient",
+     [("birthdate", "ge1970-01-01"), ("birthdate", "lt1970-03-01")]),
+    ("date: birthdate eq", "Patient", [("birthdate", "1970-02")]),
+    ("date: Observation date", "Observation", [("date", "2003-05-06")]),
+    ("date: _lastUpdated", "Patient", [("_lastUpdated", "gt2020-01-10T00:00:00Z")]),
+    ("number: probability", "RiskAssessment", [("probability", "gt0.998")]),
+    ("number: eq", "RiskAssessment", [("probability", "0.5")]),
+    ("quantity", "Observation", [("value-quantity", "gt199.9|http://unitsofmeasure.org|kg")]),
+    ("quantity: eq, any unit", "Observation", [("value-quantity", "100.5")]),
+    ("uri: _profile", "Patient", [("_profile", "http://example.org/sd/patient-42")]),
     ("_id", "Observation", [("_id", "o5,o6")]),
     # The result side: sort keys, keyset pages and includes.
     ("_sort by criteria", "Observation", [("subject", "Patient/p77"), ("_sort", "-date,code")]),
@@ -859,10 +908,27 @@ INDEXED_QUERIES = [
 
 @pytest.fixture
 def big_store(conn: Connection) -> Connection:
+    """One million resources, loaded in SQL. The secondary indexes are dropped for the load
+    and built again after it (the transaction is rolled back after the test, which brings
+    them back anyway): building an index is several times faster than maintaining it row by
+    row."""
     started = time.perf_counter()
+    conn.execute(text("SET LOCAL maintenance_work_mem = '256MB'"))
+    indexes = conn.execute(text(
+        "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = ANY(:t)"
+        " AND indexname NOT IN (SELECT conname FROM pg_constraint)"
+    ), {"t": list(INDEXED_TABLES)}).all()
+    for name, _ in indexes:
+        conn.execute(text(f'DROP INDEX "{name}"'))
     for sql in LOAD_SQL:
         conn.execute(text(sql))
-    assert time.perf_counter() - started < 60
+    for _, definition in indexes:
+        conn.execute(text(definition))
+    for table in INDEXED_TABLES:
+        conn.execute(text(f"ANALYZE {table}"))
+    elapsed = time.perf_counter() - started
+    print(f"big_store: {N_PATIENTS + N_OBSERVATIONS + N_RISKS:,} resources in {elapsed:.0f} s")
+    assert elapsed < 240
     return conn
 
 
@@ -886,7 +952,14 @@ def test_queries_are_index_backed(big_store: Connection) -> None:
     hit = search(big_store, "Patient", [("identifier", "http://hospital/mrn|4242")], base_url=BASE)
     assert ids(hit) == {"p4242"}
     by_subject = search(big_store, "Observation", [("subject", "Patient/p77")], base_url=BASE)
-    assert by_subject["total"] == N_OBSERVATIONS // N_PATIENTS
+    assert by_subject["total"] == sum(
+        1 for i in range(1, N_OBSERVATIONS + 1) if i % N_PATIENTS + 1 == 77)
+    heavy = search(big_store, "Observation",
+                   [("value-quantity", "gt199.9|http://unitsofmeasure.org|kg"), ("_count", "0")],
+                   base_url=BASE)
+    assert heavy["total"] == sum(1 for i in range(1, N_OBSERVATIONS + 1) if i * 7 % 20000 > 19990)
+    likely = search(big_store, "RiskAssessment", [("probability", "ge0.998")], base_url=BASE)
+    assert likely["total"] == 2 * N_RISKS // 1000
 
     # find_ids_many: one statement for 500 conditions, GIN-probed.
     queries = [[("identifier", f"http://hospital/mrn|{i}")] for i in range(1, 1001, 2)]

@@ -687,7 +687,7 @@ def _search(conn: Connection, s: Step, ctx: Context) -> EntryResult:
         settings = get_settings()
         bundle = search(
             conn, s.resource_type, list(s.entry.search or ()), base_url=ctx.base_url,
-            strict=False, permissions=ctx.permissions,
+            strict=ctx.strict_search, permissions=ctx.permissions,
             default_count=settings.search_default_count, max_count=settings.search_max_count,
         )
     except FhirError as err:  # the parameter is named in the diagnostics; point at the URL

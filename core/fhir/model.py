@@ -26,6 +26,9 @@ class Context:
     # What the caller may do. The edges that act for a caller (the API, the job runner) always
     # set it from the caller's scopes; in-process callers (the server's own work) hold all.
     permissions: Permissions = UNRESTRICTED
+    # `Prefer: handling=strict`: an unknown or unsupported search parameter is a 400, not a
+    # warning in the searchset.
+    strict_search: bool = False
 
 
 @dataclass(slots=True)

@@ -2,10 +2,10 @@
 conditional create / update / delete / patch and conditional references.
 
 Every function receives a live SQLAlchemy `Connection` and never commits. All values are
-bound parameters. Each clause of a `Query` maps onto an index: tokens → GIN `@>` / `&&` on
-`resource.tokens`; strings → a btree range (`LIKE 'abc%'`, "C" collation) on
-`resource_string`; dates → btree on `(res_type, date_lo | date_hi | last_updated)`;
-`_id` → the primary key. Deleted resources never match.
+bound parameters. Each clause of a `Query` maps onto an index (`core.fhir.search_sql`):
+tokens, references and uris → GIN on `resource.tokens`; strings, dates, numbers and quantities
+→ btree ranges on `resource_string`, `resource_date`, `resource_number`; `_id` → the primary
+key. Deleted resources never match.
 
 The searchset itself (order, keyset paging, total, includes, chains) is core.fhir.search_results,
 which builds on `_conditions` here. The statements are shaped so that the planner's
@@ -19,7 +19,6 @@ from typing import Any
 from urllib.parse import urlencode
 
 from sqlalchemy import (
-    ColumnElement,
     Connection,
     Integer,
     Select,
@@ -29,31 +28,19 @@ from sqlalchemy import (
     cast,
     false,
     func,
-    literal,
-    not_,
-    or_,
     select,
     true,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, JSONPATH
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from core.auth.permissions import UNRESTRICTED, Permissions
 from core.errors import BadRequest, FhirError
 from core.fhir.resources import row_to_resource
-from core.fhir.search_params import (
-    EXACT_PATHS,
-    DateClause,
-    DateRange,
-    IdClause,
-    MissingClause,
-    Query,
-    StringClause,
-    TokenClause,
-    parse_query,
-)
+from core.fhir.search_params import IdClause, Query, TokenClause, parse_query
+from core.fhir.search_sql import conditions as _conditions
+from core.fhir.search_sql import type_is as _type_is
 from core.store.repository import content_of
 from core.store.schema import resource as R
-from core.store.schema import resource_string as S
 
 __all__ = ["find_ids", "find_ids_many", "search", "explain", "row_to_resource"]
 
@@ -234,137 +221,38 @@ def _lookup(q: Query, limit: int) -> Select[Any]:
     return select(m.c.res_id).limit(limit)
 
 
-# --------------------------------------------------------------------------- SQL clauses
-
-
-def _type_is(resource_type: str, *, gin_driven: bool) -> ColumnElement[bool]:
-    if gin_driven:
-        # Deliberately not index-matchable (yet estimated like the plain comparison). GIN
-        # statistics guess ~0.5% for any rare token, so the planner likes to AND the token
-        # bitmap with a bitmap of every row of the type from a (res_type, ...) btree: cheap
-        # at 1,000 rows, tens of milliseconds at a million. When a token condition is present
-        # it is the selective path; the type is only a recheck.
-        return (R.c.res_type == resource_type).is_(True)
-    return R.c.res_type == resource_type
-
-
-def _conditions(q: Query) -> list[ColumnElement[bool]]:
-    gin_driven = any(isinstance(c, TokenClause) and not c.negate for c in q.clauses)
-    conds: list[ColumnElement[bool]] = [
-        _type_is(q.resource_type, gin_driven=gin_driven),
-        R.c.deleted == false(),
-    ]
-    # Single-value token clauses AND-ed together fold into one `tokens @> ARRAY[...]`: one
-    # GIN probe instead of several.
-    required: list[str] = []
-    for c in q.clauses:
-        if isinstance(c, TokenClause):
-            if c.negate:
-                conds.append(not_(R.c.tokens.overlap(_text_array(c.any_of))))
-            elif len(c.any_of) == 1:
-                required.append(c.any_of[0])
-            else:
-                conds.append(R.c.tokens.overlap(_text_array(c.any_of)))
-        elif isinstance(c, IdClause):
-            conds.append(R.c.res_id.in_(c.ids))
-        elif isinstance(c, DateClause):
-            conds.append(or_(*(_date_condition(c.param, r) for r in c.ranges)))
-        elif isinstance(c, StringClause):
-            conds.extend(_string_conditions(q.resource_type, c))
-        elif isinstance(c, MissingClause):
-            conds.append(_missing_condition(q.resource_type, c))
-    if required:
-        conds.append(R.c.tokens.contains(_text_array(list(dict.fromkeys(required)))))
-    return conds
-
-
-def _text_array(values: list[str]) -> ColumnElement[Any]:
-    return cast(literal(values, ARRAY(Text)), ARRAY(Text))
-
-
-def _date_condition(param: str, r: DateRange) -> ColumnElement[bool]:
-    pl, ph = r.lo, r.hi
-    if param == "_lastUpdated":
-        # A point in time: the range prefixes reduce to plain comparisons on one column.
-        t = R.c.last_updated
-        return {
-            "eq": and_(t >= pl, t <= ph),
-            "ne": or_(t < pl, t > ph),
-            "gt": t > ph,
-            "sa": t > ph,
-            "lt": t < pl,
-            "eb": t < pl,
-            "ge": t >= pl,
-            "le": t <= ph,
-            "ap": and_(t >= pl, t <= ph),
-        }[r.prefix]
-    lo, hi = R.c.date_lo, R.c.date_hi
-    # The redundant bounds (lo <= hi always) give each btree a closed range to scan.
-    within = and_(lo >= pl, lo <= ph, hi <= ph, hi >= pl)
-    match r.prefix:
-        case "eq":
-            return within
-        case "ne":
-            return or_(lo < pl, hi > ph)
-        case "gt":
-            return hi > ph
-        case "lt":
-            return lo < pl
-        case "ge":
-            return or_(hi > ph, within)
-        case "le":
-            return or_(lo < pl, within)
-        case "sa":
-            return lo > ph
-        case "eb":
-            return hi < pl
-        case _:  # ap: overlaps the widened range
-            return and_(lo <= ph, hi >= pl)
-
-
-def _string_conditions(resource_type: str, c: StringClause) -> list[ColumnElement[bool]]:
-    if c.mode == "prefix":
-        match = or_(*(S.c.value.like(_like_escape(v) + "%") for v in c.values))
-    elif c.mode == "contains":
-        match = or_(*(S.c.value.like("%" + _like_escape(v) + "%") for v in c.values))
-    else:
-        match = S.c.value.in_(c.values)
-    sub = select(S.c.res_id).where(S.c.res_type == resource_type, _param_is(c.param), match)
-    conds: list[ColumnElement[bool]] = [R.c.res_id.in_(sub)]
-    if c.mode == "exact":
-        path = EXACT_PATHS.get(resource_type, {}).get(c.param)
-        if path is None:  # a type with string params always has its paths; guard anyway
-            raise BadRequest(
-                f"':exact' is not supported on '{c.param}' for {resource_type}",
-                expression=f"{c.param}:exact",
-                code="not-supported",
-            )
-        conds.append(
-            func.jsonb_path_exists(
-                content_of(R),
-                cast(literal(path), JSONPATH),
-                cast(literal({"v": c.originals}, JSONB), JSONB),
-            )
-        )
-    return conds
-
-
-# HumanName parts are stored under their own parameter only; `name` matches any of them.
-NAME_PARTS = ("name", "family", "given")
-
-
-def _param_is(param: str) -> ColumnElement[bool]:
-    return S.c.param.in_(NAME_PARTS) if param == "name" else S.c.param == param
-
-
-def _like_escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def _missing_condition(resource_type: str, c: MissingClause) -> ColumnElement[bool]:
-    if c.kind == "date":
-        return R.c.date_lo.is_(None) if c.missing else R.c.date_lo.is_not(None)
-    present = R.c.res_id.in_(
-        select(S.c.res_id).where(S.c.res_type == resource_type, _param_is(c.param))
+def _page(q: Query, limit: int, offset: int) -> Select[Any]:
+    cols = (R.c.res_id, R.c.version, R.c.last_updated, content_of(R).label("content"))
+    if not _fenced(q):
+        return select(*cols).where(*_conditions(q)).order_by(R.c.res_id).limit(limit).offset(offset)
+    m = _matches(q)
+    page = select(m.c.res_id).order_by(m.c.res_id).limit(limit).offset(offset).subquery("page")
+    return (
+        select(*cols)
+        .join_from(page, R, and_(R.c.res_type == q.resource_type, R.c.res_id == page.c.res_id))
+        .order_by(R.c.res_id)
     )
-    return not_(present) if c.missing else present
+
+
+def _page_and_total(q: Query, limit: int, offset: int) -> Select[Any]:
+    """The page's rows, each carrying the total; a single (total, NULL...) row when empty."""
+    m = _matches(q)
+    total = select(func.count().label("total")).select_from(m).subquery("t")
+    page = select(m.c.res_id).order_by(m.c.res_id).limit(limit).offset(offset).subquery("page")
+    rows = (
+        select(R.c.res_id, R.c.version, R.c.last_updated, content_of(R).label("content"))
+        .join_from(page, R, and_(R.c.res_type == q.resource_type, R.c.res_id == page.c.res_id))
+        .subquery("p")
+    )
+    return (
+        select(total.c.total, rows.c.res_id, rows.c.version, rows.c.last_updated, rows.c.content)
+        .select_from(total.outerjoin(rows, true()))
+        .order_by(rows.c.res_id)
+    )
+
+
+def _page_url(base: str, q: Query, count: int, offset: int) -> str:
+    pairs = [*q.applied, ("_count", str(count))]
+    if offset:
+        pairs.append(("_offset", str(offset)))
+    return f"{base}/{q.resource_type}?{urlencode(pairs, safe='|:/')}"

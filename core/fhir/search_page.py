@@ -28,7 +28,6 @@ from sqlalchemy import (
     true,
 )
 
-from core.fhir import search_params
 from core.fhir.search_controls import SortKey, index_name
 from core.fhir.search_cursor import Position
 from core.store import schema
@@ -38,8 +37,6 @@ from core.store.schema import resource_string as S
 
 __all__ = ["Order", "order_of", "page_statement"]
 
-# HumanName parts are stored under their own parameter only; `name` covers all of them.
-_NAME_PARTS = ("name", "family", "given")
 # The content lives in the history row of the current version (core.store.repository).
 _CONTENT = (R.c.res_id, R.c.version, R.c.last_updated, content_of(R).label("content"))
 
@@ -86,7 +83,7 @@ def _key(resource_type: str, s: SortKey) -> _Key:
         sub = (
             select(agg(S.c.value))
             .where(S.c.res_type == R.c.res_type, S.c.res_id == R.c.res_id,
-                   S.c.param.in_(_string_params(name)))
+                   S.c.param == name)
             .correlate(R)
             .scalar_subquery()
         )
@@ -107,21 +104,10 @@ def _key(resource_type: str, s: SortKey) -> _Key:
     return _Key(sub, s.descending, True, "text")
 
 
-def _string_params(name: str) -> tuple[str, ...]:
-    # Until the registry drives extraction, HumanName parts are stored under family / given
-    # and `name` covers them (core.fhir.search.NAME_PARTS).
-    return _NAME_PARTS if name == "name" else (name,)
-
-
 def _range_key(resource_type: str, s: SortKey, name: str) -> _Key:
     """Ascending by the least start of the parameter's values, descending by the greatest end."""
-    table = getattr(schema, "resource_number" if s.kind != "date" else "resource_date", None)
+    table = schema.resource_date if s.kind == "date" else schema.resource_number
     kind = "ts" if s.kind == "date" else "number"
-    if table is None:  # before the per-parameter tables: the type's one date range
-        date_params = getattr(search_params, "DATE_PARAMS", {})
-        if s.kind == "date" and date_params.get(resource_type) == s.param:
-            return _Key(R.c.date_hi if s.descending else R.c.date_lo, s.descending, True, kind)
-        return _Key(literal(None), s.descending, True, kind)
     col = func.max(table.c.hi) if s.descending else func.min(table.c.lo)
     sub = (
         select(col)

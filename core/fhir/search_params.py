@@ -1,55 +1,55 @@
-"""Search parameters: which ones each resource type supports, the index values a write stores
-for them (`extract_index`), and the parsing of a search query into a `Query` (`parse_query`).
+"""Search queries: the parsing of a search into a `Query` of clauses (`parse_query`), for every
+parameter the registry (`core.fhir.search_registry`, HL7's R4 table) supports.
 
-Pure: no database. `core.fhir.search` turns a `Query` into SQL over the index columns.
-
-Index formats (this module owns them; writers store exactly what `extract_index` returns):
-
-- `resource.tokens` (GIN), token and reference parameters:
-  - a code / Coding / Identifier with system `s` and value `c`:
-    `"{param}:{s}|{c}"`, `"{param}:*|{c}"`, `"{param}:{s}|"`;
-    with no system: `"{param}:|{c}"`, `"{param}:*|{c}"`. Plain `code` and boolean elements
-    (gender, status, active) are codes without a system.
-  - a relative reference `Type/id` (a `/_history/n` suffix is dropped):
-    `"{param}:Type/id"`, `"{param}:id"`. Absolute URLs, `urn:` and `#contained` references
-    are not indexed.
-  - a logical reference (`Reference.identifier`, e.g. Synthea's PractitionerRole):
-    the Identifier forms above under `"{param}:identifier:"`, searched with `:identifier`.
-  - a presence marker `"{param}:"` for every parameter that has at least one value; it is
-    what `:missing` searches.
-  - a token longer than 512 characters is cut and suffixed with a hash of the whole
-    (`_cap`), identically on both sides, so giant identifiers cannot break the GIN index.
-- `resource.date_lo` / `date_hi`: the inclusive range (microsecond precision, UTC) of the
-  type's one date parameter (`DATE_PARAMS`). A value covers its precision: `1974` is
-  1974-01-01T00:00:00 .. 1974-12-31T23:59:59.999999, a dateTime to the second covers that
-  second. A Period with no end runs to `MAX_DT`, with no start from `MIN_DT`.
-- `resource_string` rows `(param, value)`: the lower-cased, accent-stripped (NFKD) value,
-  cut to 255 characters, one row per distinct pair: `name` (every part of every HumanName),
-  `family`, `given` on Patient/Practitioner; `name` (name and alias) on Organization,
-  Location, HealthcareService.
+Pure: no database. `core.fhir.search` turns a `Query` into SQL over the index that
+`core.fhir.search_index.extract_index` fills at write time (formats documented there; the
+names below are re-exported for the callers that import them from here).
 
 Query semantics (FHIR R4 search.html): comma = OR within one parameter, a repeated parameter
-= AND. Strings match by prefix on the normalised value; `:contains` anywhere; `:exact` is
-equality on the normalised value (index) plus a check of the original, case-sensitive value
-in the stored JSON (see `EXACT_PATHS`). Dates take the prefixes eq ne lt le gt ge sa eb ap
-with range semantics. `:missing` works on every parameter but `_id` / `_lastUpdated`;
-tokens also take `:not`, references `:Type` and `:identifier`.
+= AND.
+- token: `code`, `system|code`, `|code`, `system|`; `:not`, `:missing`; `:text` matches the
+  start of CodeableConcept.text / Coding.display (case-insensitive; read from the stored JSON,
+  so it narrows other criteria rather than driving a search alone).
+- reference: `Type/id`, `id`, an absolute URL (one of this server's is its `Type/id`, any
+  URL is also matched as written, which is how canonicals are found); `:Type`,
+  `:identifier`, `:missing`.
+- string: prefix of the normalised value by default, `:contains` anywhere, `:exact` equality
+  of the value as sent (normalised via the index, then checked case- and accent-sensitively
+  against the stored JSON), `:missing`.
+- date: prefixes eq ne lt le gt ge sa eb ap with range semantics on the value's precision.
+- number / quantity: the same prefixes; `eq` (no prefix) means within the implicit precision
+  of the value as written (`100` is [99.5, 100.5), `1e2` is [50, 150)); a quantity is
+  `[prefix]value|system|code` or `value||code` (code or unit).
+- uri: equality; `:below` (stored URL starts with the value), `:above` (the value starts
+  with the stored URL, on path boundaries); `:missing`.
 
-Unknown parameters are ignored (and listed in `Query.ignored`) in lenient mode and are a
-400 in strict mode (conditional operations). An unsupported modifier or an unparseable value
-is a 400 in both modes, as search.html requires.
+Unknown and unsupported parameters are ignored (and listed in `Query.ignored`) in lenient mode
+and are a 400 in strict mode (conditional operations, `Prefer: handling=strict`). An
+unsupported modifier or an unparseable value is a 400 in both modes, as search.html requires.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
-import unicodedata
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 
 from core.errors import BadRequest
+from core.fhir.search_index import (
+    MAX_DT,
+    MIN_DT,
+    REF_RE,
+    STRING_MAX,
+    STRING_PARTS,
+    IndexValues,
+    cap,
+    date_range,
+    extract_index,
+    normalize,
+)
+from core.fhir.search_registry import ElementPath, SearchParam, params_for
+from core.fhir.search_registry import supported_params as supported_params
 
 __all__ = [
     "IndexValues",
@@ -58,11 +58,13 @@ __all__ = [
     "StringClause",
     "DateClause",
     "DateRange",
+    "NumberClause",
+    "NumberRange",
+    "UriBelowClause",
+    "TextClause",
     "MissingClause",
     "IdClause",
     "Clause",
-    "DATE_PARAMS",
-    "EXACT_PATHS",
     "MIN_DT",
     "MAX_DT",
     "extract_index",
@@ -72,582 +74,13 @@ __all__ = [
     "parse_query",
     "normalize",
     "date_range",
+    "exact_paths",
 ]
-
-MIN_DT = datetime.min.replace(tzinfo=UTC)
-MAX_DT = datetime.max.replace(tzinfo=UTC)
-_MICRO = timedelta(microseconds=1)
-_TOKEN_MAX = 512
-_STRING_MAX = 255
-
-
-# --------------------------------------------------------------------------- definitions
-
-
-@dataclass(frozen=True, slots=True)
-class _Tok:
-    """A token or reference parameter: where its values are and what they are."""
-
-    param: str
-    path: tuple[str, ...]
-    kind: str  # code | coding | concept | identifier | ref
-    target: str | None = None  # for kind "ref": only references to this type
-
-
-@dataclass(frozen=True, slots=True)
-class _TypeSpec:
-    tokens: tuple[_Tok, ...]
-    names: str | None  # "human" (name/family/given) | "human-name" (name) | "plain" (name)
-    date_param: str | None
-    date_keys: tuple[str, ...]  # tried in order; the first present one is the value
-    types: dict[str, str]  # param -> FHIR search param type, for parsing and metadata
-
-
-def _t(param: str, path: str, kind: str, target: str | None = None) -> _Tok:
-    return _Tok(param, tuple(path.split(".")), kind, target)
-
-
-def _subject(encounter: str | None = "encounter") -> list[_Tok]:
-    out = [_t("subject", "subject", "ref"), _t("patient", "subject", "ref", "Patient")]
-    if encounter:
-        out.append(_t("encounter", encounter, "ref"))
-    return out
-
-
-_STRING_PARAMS = {"human": ("name", "family", "given"), "human-name": ("name",), "plain": ("name",)}
-
-
-def _spec(
-    tokens: list[_Tok] | tuple[()] = (),
-    names: str | None = None,
-    date: tuple[str, tuple[str, ...]] | None = None,
-) -> _TypeSpec:
-    # Every resource type we know gets `identifier`: nearly all R4 types define it.
-    toks = (_t("identifier", "identifier", "identifier"), *tokens)
-    types: dict[str, str] = {"_id": "token", "_lastUpdated": "date"}
-    for tok in toks:
-        types[tok.param] = "reference" if tok.kind == "ref" else "token"
-    for p in _STRING_PARAMS.get(names or "", ()):
-        types[p] = "string"
-    if date:
-        types[date[0]] = "date"
-    return _TypeSpec(toks, names, date[0] if date else None, date[1] if date else (), types)
-
-
-_EFFECTIVE = ("effectiveDateTime", "effectivePeriod", "effectiveInstant")
-
-_SPECS: dict[str, _TypeSpec] = {
-    "Patient": _spec(
-        [
-            _t("gender", "gender", "code"),
-            _t("active", "active", "code"),
-            _t("general-practitioner", "generalPractitioner", "ref"),
-            _t("organization", "managingOrganization", "ref"),
-        ],
-        names="human",
-        date=("birthdate", ("birthDate",)),
-    ),
-    "Practitioner": _spec(
-        [_t("gender", "gender", "code"), _t("active", "active", "code")], names="human"
-    ),
-    "PractitionerRole": _spec(
-        [
-            _t("practitioner", "practitioner", "ref"),
-            _t("organization", "organization", "ref"),
-            _t("location", "location", "ref"),
-            _t("role", "code", "concept"),
-            _t("specialty", "specialty", "concept"),
-            _t("active", "active", "code"),
-        ]
-    ),
-    "RelatedPerson": _spec(
-        [
-            _t("patient", "patient", "ref"),
-            _t("gender", "gender", "code"),
-            _t("active", "active", "code"),
-        ],
-        names="human-name",
-        date=("birthdate", ("birthDate",)),
-    ),
-    "Person": _spec(
-        [_t("gender", "gender", "code")], names="human-name", date=("birthdate", ("birthDate",))
-    ),
-    "Organization": _spec(
-        [
-            _t("active", "active", "code"),
-            _t("type", "type", "concept"),
-            _t("partof", "partOf", "ref"),
-        ],
-        names="plain",
-    ),
-    "Location": _spec(
-        [
-            _t("status", "status", "code"),
-            _t("type", "type", "concept"),
-            _t("organization", "managingOrganization", "ref"),
-            _t("partof", "partOf", "ref"),
-        ],
-        names="plain",
-    ),
-    "HealthcareService": _spec(
-        [_t("active", "active", "code"), _t("organization", "providedBy", "ref")], names="plain"
-    ),
-    "Observation": _spec(
-        [
-            _t("code", "code", "concept"),
-            _t("status", "status", "code"),
-            _t("category", "category", "concept"),
-            *_subject(),
-        ],
-        date=("date", _EFFECTIVE),
-    ),
-    "Condition": _spec(
-        [
-            _t("code", "code", "concept"),
-            _t("category", "category", "concept"),
-            _t("clinical-status", "clinicalStatus", "concept"),
-            _t("verification-status", "verificationStatus", "concept"),
-            *_subject(),
-        ],
-        # R4 has no Condition `date`; onset, else recording, is what users filter on.
-        date=("date", ("onsetDateTime", "onsetPeriod", "recordedDate")),
-    ),
-    "Procedure": _spec(
-        [_t("code", "code", "concept"), _t("status", "status", "code"), *_subject()],
-        date=("date", ("performedDateTime", "performedPeriod")),
-    ),
-    "Encounter": _spec(
-        [
-            _t("status", "status", "code"),
-            _t("class", "class", "coding"),
-            _t("type", "type", "concept"),
-            *_subject(encounter=None),
-            _t("participant", "participant.individual", "ref"),
-            _t("practitioner", "participant.individual", "ref", "Practitioner"),
-            _t("service-provider", "serviceProvider", "ref"),
-            _t("location", "location.location", "ref"),
-        ],
-        date=("date", ("period",)),
-    ),
-    "MedicationRequest": _spec(
-        [
-            _t("code", "medicationCodeableConcept", "concept"),
-            _t("medication", "medicationReference", "ref"),
-            _t("status", "status", "code"),
-            _t("intent", "intent", "code"),
-            _t("requester", "requester", "ref"),
-            *_subject(),
-        ],
-        date=("authoredon", ("authoredOn",)),
-    ),
-    "MedicationAdministration": _spec(
-        [
-            _t("code", "medicationCodeableConcept", "concept"),
-            _t("medication", "medicationReference", "ref"),
-            _t("status", "status", "code"),
-            *_subject(encounter="context"),
-        ],
-        date=("effective-time", ("effectiveDateTime", "effectivePeriod")),
-    ),
-    "Medication": _spec([_t("code", "code", "concept"), _t("status", "status", "code")]),
-    "DiagnosticReport": _spec(
-        [
-            _t("code", "code", "concept"),
-            _t("status", "status", "code"),
-            _t("category", "category", "concept"),
-            _t("result", "result", "ref"),
-            *_subject(),
-        ],
-        date=("date", _EFFECTIVE),
-    ),
-    "DocumentReference": _spec(
-        [
-            _t("status", "status", "code"),
-            _t("type", "type", "concept"),
-            _t("category", "category", "concept"),
-            *_subject(encounter="context.encounter"),
-        ],
-        date=("date", ("date",)),
-    ),
-    "Immunization": _spec(
-        [
-            _t("vaccine-code", "vaccineCode", "concept"),
-            _t("status", "status", "code"),
-            _t("patient", "patient", "ref"),
-        ],
-        date=("date", ("occurrenceDateTime",)),
-    ),
-    "AllergyIntolerance": _spec(
-        [
-            _t("code", "code", "concept"),
-            _t("clinical-status", "clinicalStatus", "concept"),
-            _t("patient", "patient", "ref"),
-        ],
-        date=("date", ("recordedDate",)),
-    ),
-    "CarePlan": _spec(
-        [
-            _t("status", "status", "code"),
-            _t("category", "category", "concept"),
-            *_subject(),
-        ],
-        date=("date", ("period",)),
-    ),
-    "CareTeam": _spec(
-        [
-            _t("status", "status", "code"),
-            _t("category", "category", "concept"),
-            *_subject(),
-        ],
-        date=("date", ("period",)),
-    ),
-    "ServiceRequest": _spec(
-        [_t("code", "code", "concept"), _t("status", "status", "code"), *_subject()],
-        date=("authored", ("authoredOn",)),
-    ),
-    "Goal": _spec([_t("lifecycle-status", "lifecycleStatus", "code"), *_subject(encounter=None)]),
-    "ImagingStudy": _spec(
-        [_t("status", "status", "code"), *_subject()], date=("started", ("started",))
-    ),
-    "Claim": _spec(
-        [
-            _t("status", "status", "code"),
-            _t("use", "use", "code"),
-            _t("patient", "patient", "ref"),
-            _t("provider", "provider", "ref"),
-        ],
-        date=("created", ("created",)),
-    ),
-    "ExplanationOfBenefit": _spec(
-        [
-            _t("status", "status", "code"),
-            _t("patient", "patient", "ref"),
-            _t("provider", "provider", "ref"),
-            _t("claim", "claim", "ref"),
-        ],
-        date=("created", ("created",)),
-    ),
-    "Coverage": _spec(
-        [
-            _t("status", "status", "code"),
-            _t("beneficiary", "beneficiary", "ref"),
-            _t("patient", "beneficiary", "ref", "Patient"),
-            _t("payor", "payor", "ref"),
-        ]
-    ),
-    "Device": _spec(
-        [
-            _t("type", "type", "concept"),
-            _t("status", "status", "code"),
-            _t("patient", "patient", "ref"),
-        ]
-    ),
-    "Provenance": _spec(
-        [_t("target", "target", "ref"), _t("patient", "target", "ref", "Patient")],
-        date=("recorded", ("recorded",)),
-    ),
-    "Slot": _spec(
-        [
-            _t("schedule", "schedule", "ref"),
-            _t("status", "status", "code"),
-            _t("service-type", "serviceType", "concept"),
-        ],
-        date=("start", ("start",)),
-    ),
-    "Schedule": _spec(
-        [
-            _t("actor", "actor", "ref"),
-            _t("active", "active", "code"),
-            _t("service-type", "serviceType", "concept"),
-        ],
-        date=("date", ("planningHorizon",)),
-    ),
-    "Appointment": _spec(
-        [
-            _t("status", "status", "code"),
-            _t("actor", "participant.actor", "ref"),
-            _t("patient", "participant.actor", "ref", "Patient"),
-            _t("practitioner", "participant.actor", "ref", "Practitioner"),
-            _t("slot", "slot", "ref"),
-        ],
-        date=("date", ("start",)),
-    ),
-}
-_GENERIC = _spec()
-
-DATE_PARAMS: dict[str, str] = {t: s.date_param for t, s in _SPECS.items() if s.date_param}
-
-# `:exact` checks the original value with these JSON paths (variable $v: the searched values).
-_HUMAN_EXACT = {
-    "name": "$.name[*] ? (@.family == $v || @.given[*] == $v || @.text == $v"
-    " || @.prefix[*] == $v || @.suffix[*] == $v)",
-    "family": "$.name[*].family ? (@ == $v)",
-    "given": "$.name[*].given[*] ? (@ == $v)",
-}
-_PLAIN_EXACT = {"name": "$ ? (@.name == $v || @.alias[*] == $v)"}
-EXACT_PATHS: dict[str, dict[str, str]] = {
-    t: (_PLAIN_EXACT if s.names == "plain" else _HUMAN_EXACT) for t, s in _SPECS.items() if s.names
-}
-
-
-def supported_params(resource_type: str) -> list[str]:
-    """Search parameters of `resource_type` (not result parameters like `_count`)."""
-    return list(_SPECS.get(resource_type, _GENERIC).types)
 
 
 def param_types(resource_type: str) -> dict[str, str]:
-    """Search parameter name → FHIR type (token, reference, string, date), for metadata."""
-    return dict(_SPECS.get(resource_type, _GENERIC).types)
-
-
-# --------------------------------------------------------------------------- extraction
-
-
-@dataclass(slots=True)
-class IndexValues:
-    tokens: list[str]
-    strings: list[tuple[str, str]]  # (param, normalised value)
-    date_lo: datetime | None
-    date_hi: datetime | None
-
-
-def extract_index(resource: dict) -> IndexValues:
-    """The search index values of one resource; called for every write, so kept lean."""
-    spec = _SPECS.get(resource.get("resourceType", ""), _GENERIC)
-    out: dict[str, None] = {}  # a dict keeps first-seen order and dedupes
-    for tok in spec.tokens:
-        path = tok.path
-        if len(path) == 1:
-            value = resource.get(path[0])
-            if value is None:
-                continue
-            values = value if isinstance(value, list) else (value,)
-        else:
-            values = _walk(resource, path)
-            if not values:
-                continue
-        before = len(out)
-        _EMIT[tok.kind](tok, values, out)
-        if len(out) != before:
-            out[tok.param + ":"] = None
-    strings = _strings(resource, spec.names) if spec.names else []
-    lo = hi = None
-    for key in spec.date_keys:
-        value = resource.get(key)
-        if value is not None:
-            rng = _value_range(value)
-            if rng is not None:
-                lo, hi = rng
-            break
-    return IndexValues(list(out), strings, lo, hi)
-
-
-def _walk(node: dict, path: tuple[str, ...]) -> list[Any]:
-    cur: list[Any] = [node]
-    for key in path:
-        nxt: list[Any] = []
-        for n in cur:
-            if isinstance(n, dict):
-                v = n.get(key)
-                if isinstance(v, list):
-                    nxt.extend(v)
-                elif v is not None:
-                    nxt.append(v)
-        if not nxt:
-            return nxt
-        cur = nxt
-    return cur
-
-
-def _cap(token: str) -> str:
-    if len(token) <= _TOKEN_MAX:
-        return token
-    return token[:400] + "#" + hashlib.sha256(token.encode()).hexdigest()
-
-
-def _put_code(prefix: str, system: Any, code: Any, out: dict[str, None]) -> None:
-    if isinstance(code, bool):
-        code = "true" if code else "false"
-    elif not isinstance(code, str) or not code:
-        return
-    if isinstance(system, str) and system:
-        out[_cap(f"{prefix}{system}|{code}")] = None
-        out[_cap(f"{prefix}{system}|")] = None
-    else:
-        out[_cap(f"{prefix}|{code}")] = None
-    out[_cap(f"{prefix}*|{code}")] = None
-
-
-def _emit_code(tok: _Tok, values: Any, out: dict[str, None]) -> None:
-    prefix = tok.param + ":"
-    for v in values:
-        _put_code(prefix, None, v, out)
-
-
-def _emit_coding(tok: _Tok, values: Any, out: dict[str, None]) -> None:
-    prefix = tok.param + ":"
-    for c in values:
-        if isinstance(c, dict):
-            _put_code(prefix, c.get("system"), c.get("code"), out)
-
-
-def _emit_concept(tok: _Tok, values: Any, out: dict[str, None]) -> None:
-    prefix = tok.param + ":"
-    for cc in values:
-        if isinstance(cc, dict):
-            for c in cc.get("coding") or ():
-                if isinstance(c, dict):
-                    _put_code(prefix, c.get("system"), c.get("code"), out)
-
-
-def _emit_identifier(tok: _Tok, values: Any, out: dict[str, None]) -> None:
-    prefix = tok.param + ":"
-    for ident in values:
-        if isinstance(ident, dict):
-            _put_code(prefix, ident.get("system"), ident.get("value"), out)
-
-
-_REF_RE = re.compile(r"([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?")
-
-
-def _emit_ref(tok: _Tok, values: Any, out: dict[str, None]) -> None:
-    param, target = tok.param, tok.target
-    for ref in values:
-        if not isinstance(ref, dict):
-            continue
-        r = ref.get("reference")
-        if isinstance(r, str):
-            m = _REF_RE.fullmatch(r)
-            if m is not None and (target is None or m[1] == target):
-                out[f"{param}:{m[1]}/{m[2]}"] = None
-                out[f"{param}:{m[2]}"] = None
-        ident = ref.get("identifier")
-        if isinstance(ident, dict) and (target is None or ref.get("type") == target):
-            _put_code(f"{param}:identifier:", ident.get("system"), ident.get("value"), out)
-
-
-_EMIT = {
-    "code": _emit_code,
-    "coding": _emit_coding,
-    "concept": _emit_concept,
-    "identifier": _emit_identifier,
-    "ref": _emit_ref,
-}
-
-
-def normalize(value: str) -> str:
-    """Lower-case and strip accents (NFKD), the form `resource_string.value` holds."""
-    if value.isascii():
-        return value.strip().lower()
-    decomposed = unicodedata.normalize("NFKD", value)
-    return "".join(c for c in decomposed if not unicodedata.combining(c)).strip().lower()
-
-
-def _strings(resource: dict, names: str) -> list[tuple[str, str]]:
-    out: dict[tuple[str, str], None] = {}
-
-    def put(param: str, value: Any) -> None:
-        if isinstance(value, str) and value:
-            n = normalize(value)[:_STRING_MAX]
-            if n:
-                # `name` searches also read the family/given rows (search.NAME_PARTS), so a
-                # part is stored once: half the string rows to write.
-                out[(param, n)] = None
-
-    if names == "plain":
-        put("name", resource.get("name"))
-        for alias in resource.get("alias") or ():
-            put("name", alias)
-        return list(out)
-    parts = names == "human"
-    hns = resource.get("name")
-    for hn in hns if isinstance(hns, list) else ():
-        if not isinstance(hn, dict):
-            continue
-        put("family" if parts else "name", hn.get("family"))
-        for g in hn.get("given") or ():
-            put("given" if parts else "name", g)
-        put("name", hn.get("text"))
-        for p in hn.get("prefix") or ():
-            put("name", p)
-        for s in hn.get("suffix") or ():
-            put("name", s)
-    return list(out)
-
-
-# --------------------------------------------------------------------------- dates
-
-_DATE_RE = re.compile(
-    r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(\.\d+)?)?"
-    r"(Z|[+-]\d{2}:\d{2})?)?)?)?"
-)
-
-
-def date_range(text: str) -> tuple[datetime, datetime] | None:
-    """Inclusive UTC range a FHIR date / dateTime / instant covers; None if it is not one."""
-    n = len(text)
-    try:
-        if n == 10 and text[4] == "-" and text[7] == "-":
-            lo = datetime(int(text[:4]), int(text[5:7]), int(text[8:10]), tzinfo=UTC)
-            return lo, _end(lo + timedelta(days=1))
-        if n >= 19 and text[10] == "T" and text[13] == ":" and text[16] == ":":
-            lo = _utc(datetime.fromisoformat(text))
-            if n > 19 and text[19] == ".":
-                return lo, lo
-            return lo, lo + timedelta(microseconds=999_999)
-        m = _DATE_RE.fullmatch(text)
-        if m is None:
-            return None
-        year, month, day, hour, minute = m[1], m[2], m[3], m[4], m[5]
-        if month is None:
-            lo = datetime(int(year), 1, 1, tzinfo=UTC)
-            return lo, _end(_add_years(lo, 1))
-        if day is None:
-            lo = datetime(int(year), int(month), 1, tzinfo=UTC)
-            nxt = (
-                _add_years(lo, 1).replace(month=1)
-                if lo.month == 12
-                else lo.replace(month=lo.month + 1)
-            )
-            return lo, _end(nxt)
-        if hour is None:
-            lo = datetime(int(year), int(month), int(day), tzinfo=UTC)
-            return lo, _end(lo + timedelta(days=1))
-        # Minute precision (search values may omit seconds).
-        tz = m[8]
-        lo = _utc(datetime.fromisoformat(f"{year}-{month}-{day}T{hour}:{minute}:00{tz or ''}"))
-        return lo, lo + timedelta(seconds=59, microseconds=999_999)
-    except (ValueError, OverflowError):
-        return None
-
-
-def _utc(value: datetime) -> datetime:
-    # search.html: a dateTime without a zone is taken in the server's zone, which is UTC.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _add_years(value: datetime, years: int) -> datetime | None:
-    try:
-        return value.replace(year=value.year + years)
-    except ValueError:
-        return None
-
-
-def _end(next_start: datetime | None) -> datetime:
-    return MAX_DT if next_start is None else next_start - _MICRO
-
-
-def _value_range(value: Any) -> tuple[datetime, datetime] | None:
-    if isinstance(value, str):
-        return date_range(value)
-    if isinstance(value, dict):  # Period
-        start, end = value.get("start"), value.get("end")
-        lo = date_range(start) if isinstance(start, str) else None
-        hi = date_range(end) if isinstance(end, str) else None
-        if lo is None and hi is None:
-            return None
-        return (lo[0] if lo else MIN_DT), (hi[1] if hi else MAX_DT)
-    return None
+    """Supported search parameter name → FHIR search type (token, reference, string, ...)."""
+    return {n: p.type for n, p in params_for(resource_type).items() if p.supported}
 
 
 # --------------------------------------------------------------------------- queries
@@ -664,12 +97,15 @@ class TokenClause:
 
 @dataclass(slots=True)
 class StringClause:
-    """Normalised string match: mode prefix | contains | exact; `values` are OR-ed."""
+    """Normalised string match: mode prefix | contains | exact; `values` are OR-ed.
+    `names`: the index names of the parameter's `resource_string` rows."""
 
     param: str
     mode: str
     values: list[str]  # normalised
     originals: list[str]  # as sent, for :exact
+    names: tuple[str, ...] = ()
+    exact_paths: list[str] = field(default_factory=list)  # jsonpath checks for :exact
 
 
 @dataclass(slots=True)
@@ -681,19 +117,63 @@ class DateRange:
 
 @dataclass(slots=True)
 class DateClause:
-    """`param` is `_lastUpdated` (column last_updated) or the type's date parameter."""
+    """`param` `_lastUpdated` is the column last_updated; any other reads `resource_date`
+    rows of `names`."""
 
     param: str
     ranges: list[DateRange]  # OR
+    names: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class NumberRange:
+    """One number or quantity value: `lo` .. `hi` (half-open) is the implicit precision of
+    `value` (widened for ap); `system` / `code` restrict a quantity's unit when not None."""
+
+    prefix: str
+    value: Decimal
+    lo: Decimal
+    hi: Decimal
+    system: str | None = None
+    code: str | None = None
+
+
+@dataclass(slots=True)
+class NumberClause:
+    """Number and quantity parameters, on `resource_number` rows of `names`."""
+
+    param: str
+    ranges: list[NumberRange]  # OR
+    names: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class UriBelowClause:
+    """uri `:below`: a stored `{name}:{uri}` token starts with one of `prefixes`."""
+
+    param: str
+    prefixes: list[str]  # full token prefixes, "{name}:{value}"
+
+
+@dataclass(slots=True)
+class TextClause:
+    """token `:text`: a CodeableConcept.text / Coding.display at `paths` (jsonpath) starts
+    with one of `values` (case-insensitive)."""
+
+    param: str
+    paths: list[str]
+    values: list[str]
 
 
 @dataclass(slots=True)
 class MissingClause:
-    """`:missing` on a string or date parameter (tokens use a presence-marker TokenClause)."""
+    """`:missing` on a string, date or number parameter (token, reference and uri
+    parameters use a presence-marker TokenClause)."""
 
     param: str
-    kind: str  # string | date
+    kind: str  # string | date | number
     missing: bool
+    names: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -701,7 +181,10 @@ class IdClause:
     ids: list[str]
 
 
-Clause = TokenClause | StringClause | DateClause | MissingClause | IdClause
+Clause = (
+    TokenClause | StringClause | DateClause | NumberClause | UriBelowClause | TextClause
+    | MissingClause | IdClause
+)
 
 
 @dataclass(slots=True)
@@ -719,32 +202,54 @@ class Query:
 
 # Parameters that shape the result rather than select; understood by every type.
 _RESULT_PARAMS = {"_count", "_offset", "_total", "_summary", "_format", "_pretty"}
-_DATE_PREFIXES = {"eq", "ne", "lt", "le", "gt", "ge", "sa", "eb", "ap"}
+_PREFIXES = {"eq", "ne", "lt", "le", "gt", "ge", "sa", "eb", "ap"}
+_DATE_PREFIXES = _PREFIXES
 _TYPE_MODIFIER_RE = re.compile(r"[A-Z][A-Za-z]{1,63}")
+_MODIFIERS = {
+    "token": ("", "not", "text"),
+    "reference": ("", "identifier"),
+    "string": ("", "exact", "contains"),
+    "uri": ("", "below", "above"),
+    "date": ("",),
+    "number": ("",),
+    "quantity": ("",),
+}
 
 
-def parse_query(resource_type: str, params: list[tuple[str, str]], *, strict: bool) -> Query:
+def _not_supported(resource_type: str, raw_name: str, why: str = "") -> BadRequest:
+    return BadRequest(
+        f"Search parameter '{raw_name}' is not supported for {resource_type}{why}",
+        expression=raw_name,
+        code="not-supported",
+    )
+
+
+def parse_query(
+    resource_type: str,
+    params: list[tuple[str, str]],
+    *,
+    strict: bool,
+    base_url: str | None = None,
+) -> Query:
     """Parse decoded `(name, value)` pairs of a search on `resource_type`.
 
     strict=True (conditional operations, `Prefer: handling=strict`): any unknown or unsupported
     parameter is a `BadRequest` naming it. strict=False: such parameters are skipped and listed
     in `Query.ignored`. Bad values and unsupported modifiers are a `BadRequest` either way.
+    `base_url`, when known, is this server's: absolute references under it are local ones.
     """
-    spec = _SPECS.get(resource_type, _GENERIC)
+    registry = params_for(resource_type)
     q = Query(resource_type)
     for raw_name, value in params:
         name, _, modifier = raw_name.partition(":")
         if name in _RESULT_PARAMS:
             _result_param(q, raw_name, name, value, strict)
             continue
-        kind = spec.types.get(name)
-        if kind is None:
+        p = registry.get(name)
+        if p is None or not p.supported:
             if strict:
-                raise BadRequest(
-                    f"Search parameter '{raw_name}' is not supported for {resource_type}",
-                    expression=raw_name,
-                    code="not-supported",
-                )
+                why = f" ({p.reason})" if p is not None and p.reason else ""
+                raise _not_supported(resource_type, raw_name, why)
             q.ignored.append((raw_name, value))
             continue
         if value == "":
@@ -753,22 +258,48 @@ def parse_query(resource_type: str, params: list[tuple[str, str]], *, strict: bo
             if strict:
                 raise BadRequest(f"Search parameter '{raw_name}' has no value", expression=raw_name)
             continue
-        if modifier == "missing" and name not in ("_id", "_lastUpdated"):
-            q.clauses.append(_parse_missing(name, kind, raw_name, value))
-        elif name == "_id":
-            _no_modifier(raw_name, modifier)
-            q.clauses.append(IdClause([_unescape(v) for v in _split_or(value) if v]))
-        elif kind == "token":
-            q.clauses.append(_parse_token(name, modifier, raw_name, value))
-        elif kind == "reference":
-            q.clauses.append(_parse_reference(name, modifier, raw_name, value))
-        elif kind == "string":
-            q.clauses.append(_parse_string(name, modifier, raw_name, value))
-        else:
-            _no_modifier(raw_name, modifier)
-            q.clauses.append(DateClause(name, [_parse_date(raw_name, v) for v in value.split(",")]))
+        q.clauses.append(parse_clause(p, modifier, raw_name, value, base_url=base_url))
         q.applied.append((raw_name, value))
     return q
+
+
+def parse_clause(
+    p: SearchParam, modifier: str, raw_name: str, value: str, *, base_url: str | None = None
+) -> Clause:
+    """One `name[:modifier]=value` of a supported parameter `p` as a clause (chains and `_has`
+    parse their inner parameter with this too)."""
+    if modifier == "missing" and p.column is None:
+        return _parse_missing(p, raw_name, value)
+    if p.name == "_id":
+        _no_modifier(raw_name, modifier)
+        return IdClause([_unescape(v) for v in _split_or(value) if v])
+    if p.name == "_lastUpdated":
+        _no_modifier(raw_name, modifier)
+        return DateClause(p.name, [_parse_date(raw_name, v) for v in value.split(",")])
+    kind = p.type
+    if kind == "reference":
+        if modifier != "identifier" and modifier and not _TYPE_MODIFIER_RE.fullmatch(modifier):
+            _bad_modifier(raw_name, modifier)
+        if modifier and modifier != "identifier" and p.targets and modifier not in p.targets:
+            raise _bad_value(raw_name, modifier, f"'{p.name}' does not refer to {modifier}")
+        return _parse_reference(p, modifier, raw_name, value, base_url)
+    if modifier not in _MODIFIERS[kind]:
+        _bad_modifier(raw_name, modifier)
+    if kind == "token":
+        if modifier == "text":
+            return _parse_text(p, raw_name, value)
+        return _parse_token(p, modifier, raw_name, value)
+    if kind == "string":
+        return _parse_string(p, modifier, raw_name, value)
+    if kind == "uri":
+        return _parse_uri(p, modifier, raw_name, value)
+    if kind == "date":
+        return DateClause(p.name, [_parse_date(raw_name, v) for v in value.split(",")],
+                          p.index_names)
+    return NumberClause(
+        p.name, [_parse_number(raw_name, v, kind == "quantity") for v in _split_or(value)],
+        p.index_names,
+    )
 
 
 # FHIR's integer is 32-bit: a page size or offset beyond it is not a number we answer to.
@@ -876,13 +407,14 @@ def _unescape(value: str) -> str:
     return re.sub(r"\\(.)", r"\1", value)
 
 
-def _parse_missing(name: str, kind: str, raw_name: str, value: str) -> Clause:
+def _parse_missing(p: SearchParam, raw_name: str, value: str) -> Clause:
     if value not in ("true", "false"):
         raise _bad_value(raw_name, value, "expected true or false")
     missing = value == "true"
-    if kind in ("token", "reference"):
-        return TokenClause(name, [name + ":"], negate=missing)
-    return MissingClause(name, kind, missing)
+    if p.type in ("token", "reference", "uri"):
+        return TokenClause(p.name, [n + ":" for n in p.index_names], negate=missing)
+    kind = "number" if p.type in ("number", "quantity") else p.type
+    return MissingClause(p.name, kind, missing, p.index_names)
 
 
 def _token_of(prefix: str, raw_name: str, v: str) -> str:
@@ -891,58 +423,131 @@ def _token_of(prefix: str, raw_name: str, v: str) -> str:
     if not bar:
         if not code:
             raise _bad_value(raw_name, v, "empty code")
-        return _cap(f"{prefix}*|{code}")
+        return cap(f"{prefix}*|{code}")
     if not system and not code:
         raise _bad_value(raw_name, v, "expected [system]|[code]")
-    return _cap(f"{prefix}{system}|{code}")
+    return cap(f"{prefix}{system}|{code}")
 
 
-def _parse_token(name: str, modifier: str, raw_name: str, value: str) -> TokenClause:
-    if modifier not in ("", "not"):
-        _bad_modifier(raw_name, modifier)
-    toks = [_token_of(name + ":", raw_name, v) for v in _split_or(value)]
-    return TokenClause(name, toks, negate=modifier == "not")
+def _parse_token(p: SearchParam, modifier: str, raw_name: str, value: str) -> TokenClause:
+    toks = [
+        _token_of(n + ":", raw_name, v) for v in _split_or(value) for n in p.index_names
+    ]
+    return TokenClause(p.name, toks, negate=modifier == "not")
 
 
 _ABSOLUTE_REF_RE = re.compile(
     r"[a-z][a-z0-9+.\-]*://.+/([A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?"
 )
+_ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_URL_RE = re.compile(r"[a-z][a-z0-9+.\-]*:\S+")
 
 
-def _parse_reference(name: str, modifier: str, raw_name: str, value: str) -> TokenClause:
+def _parse_reference(
+    p: SearchParam, modifier: str, raw_name: str, value: str, base_url: str | None
+) -> TokenClause:
+    names = p.index_names
     if modifier == "identifier":
-        toks = [_token_of(f"{name}:identifier:", raw_name, v) for v in _split_or(value)]
-        return TokenClause(name, toks)
-    if modifier and not _TYPE_MODIFIER_RE.fullmatch(modifier):
-        _bad_modifier(raw_name, modifier)
+        toks = [_token_of(f"{n}:identifier:", raw_name, v) for v in _split_or(value) for n in names]
+        return TokenClause(p.name, toks)
     toks = []
+    base = base_url.rstrip("/") + "/" if base_url else None
     for v in _split_or(value):
         v = _unescape(v)
-        m = _REF_RE.fullmatch(v)
-        if m is None:
-            # An absolute URL is matched by its trailing Type/id: only local references are
-            # indexed, so a URL can only mean one of ours.
-            a = _ABSOLUTE_REF_RE.fullmatch(v)
-            m = _REF_RE.fullmatch(a[1]) if a else None
-        if m is not None:
-            if modifier and m[1] != modifier:
-                raise _bad_value(raw_name, v, f"reference is not to a {modifier}")
-            toks.append(f"{name}:{m[1]}/{m[2]}")
-        elif re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", v):
-            toks.append(f"{name}:{modifier}/{v}" if modifier else f"{name}:{v}")
-        else:
-            raise _bad_value(raw_name, v, "expected an id, Type/id or a URL ending in Type/id")
-    return TokenClause(name, toks)
+        forms = _reference_forms(v, modifier, raw_name, base)
+        toks.extend(cap(f"{n}:{f}") for f in forms for n in names)
+    return TokenClause(p.name, toks)
 
 
-def _parse_string(name: str, modifier: str, raw_name: str, value: str) -> StringClause:
-    if modifier not in ("", "exact", "contains"):
-        _bad_modifier(raw_name, modifier)
+def _reference_forms(v: str, modifier: str, raw_name: str, base: str | None) -> list[str]:
+    """The stored token suffixes that `v` may match (see the reference format)."""
+    m = REF_RE.fullmatch(v)
+    if m is not None:
+        if modifier and m[1] != modifier:
+            raise _bad_value(raw_name, v, f"reference is not to a {modifier}")
+        return [f"{m[1]}/{m[2]}"]
+    if _ID_RE.fullmatch(v):
+        return [f"{modifier}/{v}" if modifier else v]
+    if _URL_RE.fullmatch(v):
+        forms = [v]
+        # A URL of this server (or, when the server's base is not known, any URL ending in
+        # Type/id) is a local reference too.
+        a = _ABSOLUTE_REF_RE.fullmatch(v)
+        if a is not None and (base is None or v.startswith(base)):
+            local = REF_RE.fullmatch(a[1])
+            if local is not None and not (modifier and local[1] != modifier):
+                forms.insert(0, f"{local[1]}/{local[2]}")
+        return forms
+    raise _bad_value(raw_name, v, "expected an id, Type/id or a URL")
+
+
+def _parse_string(p: SearchParam, modifier: str, raw_name: str, value: str) -> StringClause:
     originals = [_unescape(v) for v in _split_or(value)]
-    values = [normalize(v)[:_STRING_MAX] for v in originals]
+    values = [normalize(v)[:STRING_MAX] for v in originals]
     if not all(values):
         raise _bad_value(raw_name, value, "empty string")
-    return StringClause(name, modifier or "prefix", values, originals)
+    paths = exact_paths(p) if modifier == "exact" else []
+    return StringClause(p.name, modifier or "prefix", values, originals, p.index_names, paths)
+
+
+def _jsonpath(path: ElementPath) -> str:
+    """`path` as a lax-mode SQL/JSON path (arrays on the way are unwrapped by lax mode)."""
+    out = "$"
+    for key, where in path.steps:
+        out += f'."{key}"'
+        if where is not None:
+            out += f' ? (@."{where[0]}" == "{where[1]}")'
+    return out
+
+
+def exact_paths(p: SearchParam) -> list[str]:
+    """jsonpath predicates (variable `$v`: the values sent) that hold when the stored JSON has
+    one of the values, exactly, where string parameter `p` reads."""
+    out = []
+    for path in p.paths:
+        parts = STRING_PARTS.get(path.leaf)
+        if parts is None:
+            out.append(_jsonpath(path) + " ? (@ == $v)")
+        else:
+            test = " || ".join(f'@."{k}" == $v' for k in parts)
+            out.append(f"{_jsonpath(path)} ? ({test})")
+    return out
+
+
+def _parse_text(p: SearchParam, raw_name: str, value: str) -> TextClause:
+    paths = []
+    for path in p.paths:
+        base = _jsonpath(path)
+        if path.leaf == "CodeableConcept":
+            paths += [base + '."text"', base + '."coding"."display"']
+        elif path.leaf == "Coding":
+            paths.append(base + '."display"')
+    if not paths:
+        _bad_modifier(raw_name, "text")
+    values = [_unescape(v) for v in _split_or(value)]
+    if not all(values):
+        raise _bad_value(raw_name, value, "empty text")
+    return TextClause(p.name, paths, values)
+
+
+def _parse_uri(p: SearchParam, modifier: str, raw_name: str, value: str) -> Clause:
+    values = [_unescape(v) for v in _split_or(value)]
+    if not all(values):
+        raise _bad_value(raw_name, value, "empty uri")
+    names = p.index_names
+    if modifier == "below":
+        return UriBelowClause(p.name, [f"{n}:{v}" for v in values for n in names])
+    if modifier == "above":
+        # Every ancestor of the value on a path boundary, the value itself included.
+        toks = []
+        for v in values:
+            scheme_end = v.find("://")
+            start = scheme_end + 3 if scheme_end >= 0 else 0
+            cuts = [i for i in range(start, len(v)) if v[i] == "/"]
+            toks += [cap(f"{n}:{v[:i]}") for i in cuts for n in names]
+            toks += [cap(f"{n}:{v}") for n in names]
+        return TokenClause(p.name, list(dict.fromkeys(toks)))
+    return TokenClause(p.name, [cap(f"{n}:{v}") for v in values for n in names])
 
 
 def _parse_date(raw_name: str, value: str) -> DateRange:
@@ -962,3 +567,42 @@ def _parse_date(raw_name: str, value: str) -> DateRange:
         lo = lo - gap if lo - MIN_DT > gap else MIN_DT
         hi = hi + gap if MAX_DT - hi > gap else MAX_DT
     return DateRange(prefix, lo, hi)
+
+
+_NUMBER_RE = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+def _parse_number(raw_name: str, value: str, quantity: bool) -> NumberRange:
+    text = value
+    system: str | None = None
+    code: str | None = None
+    if quantity:
+        number, bar, rest = _split_pipe(value)
+        if bar:
+            text = number
+            sys_part, bar2, code_part = _split_pipe(rest)
+            if not bar2:
+                raise _bad_value(raw_name, value, "expected [prefix]value[|system|code]")
+            system = _unescape(sys_part) or None
+            code = _unescape(code_part) or None
+    elif "|" in value:
+        raise _bad_value(raw_name, value, "a number has no unit")
+    prefix = "eq"
+    if len(text) > 2 and text[:2] in _PREFIXES:
+        prefix, text = text[:2], text[2:]
+    if not _NUMBER_RE.fullmatch(text):
+        raise _bad_value(raw_name, value, "expected [prefix]number")
+    try:
+        d = Decimal(text)
+    except InvalidOperation:
+        raise _bad_value(raw_name, value, "expected [prefix]number") from None
+    if not d.is_finite():
+        raise _bad_value(raw_name, value, "expected a finite number")
+    # search.html: the precision of the value as written is the range it stands for
+    # (`100` is 99.5 .. 100.5, `100.00` is 99.995 .. 100.005, `1e2` is 50 .. 150).
+    half = Decimal(5).scaleb(d.as_tuple().exponent - 1)
+    lo, hi = d - half, d + half
+    if prefix == "ap":  # "approximately": 10% of the value
+        gap = max(abs(d) / 10, half)
+        lo, hi = d - gap, d + gap
+    return NumberRange(prefix, d, lo, hi, system, code)

@@ -17,9 +17,12 @@ Public API (stable; `core.fhir.search_*` and the CapabilityStatement build on it
 - `SearchParam`: `name`, `type` (token reference string date uri number quantity composite
   special), `expression` (HL7's FHIRPath), `paths` (compiled `ElementPath`s), `targets` (the
   resource types a reference parameter may point to; empty otherwise), `supported`,
-  `reason` (why not, or which parts of the expression are not indexed), and `index_name`:
-  the name its values are stored under (parameters with identical paths, such as Patient
-  `name` and `phonetic`, share one set of index rows).
+  `reason` (why not, or which parts of the expression are not indexed), `column` (`_id`:
+  "res_id", `_lastUpdated`: "last_updated"; no index rows) and `index_names`: the names its
+  values are stored under, usually `(name,)`. Parameters with identical paths (Patient
+  `name` and `phonetic`) share one set of index rows; a union of other parameters' paths
+  (Observation `combo-code` = `code` | `component-code`) reads theirs. `extracted` says
+  whether writes store values under the parameter's own name.
 - `ElementPath`: `steps` (JSON keys from the resource root, each with an optional
   `(element, value)` filter from `.where(element='value')`), `leaf` (the FHIR type code of
   the values reached, e.g. `CodeableConcept`, `dateTime`, `Reference`) and `ref_type`
@@ -52,6 +55,7 @@ __all__ = [
     "resource_types",
     "supported_params",
     "unsupported",
+    "walk",
 ]
 
 # The FHIR types each kind of search parameter can index, by the value's type.
@@ -82,23 +86,27 @@ class ElementPath:
 
     def values(self, resource: dict[str, Any]) -> list[Any]:
         """The values this path reaches in `resource` (arrays flattened, filters applied)."""
-        cur: list[Any] = [resource]
-        for key, where in self.steps:
-            nxt: list[Any] = []
-            for node in cur:
-                if isinstance(node, dict):
-                    v = node.get(key)
-                    if isinstance(v, list):
-                        nxt.extend(v)
-                    elif v is not None:
-                        nxt.append(v)
-            if where is not None:
-                k, want = where
-                nxt = [n for n in nxt if isinstance(n, dict) and n.get(k) == want]
-            if not nxt:
-                return nxt
-            cur = nxt
-        return cur
+        return walk([resource], self.steps)
+
+
+def walk(cur: list[Any], steps: tuple[tuple[str, tuple[str, str] | None], ...]) -> list[Any]:
+    """Follow `steps` (see `ElementPath`) from the nodes `cur`."""
+    for key, where in steps:
+        nxt: list[Any] = []
+        for node in cur:
+            if isinstance(node, dict):
+                v = node.get(key)
+                if isinstance(v, list):
+                    nxt.extend(v)
+                elif v is not None:
+                    nxt.append(v)
+        if where is not None:
+            k, want = where
+            nxt = [n for n in nxt if isinstance(n, dict) and n.get(k) == want]
+        if not nxt:
+            return nxt
+        cur = nxt
+    return cur
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +118,18 @@ class SearchParam:
     targets: tuple[str, ...] = ()
     supported: bool = True
     reason: str | None = None
-    index_name: str = ""
+    index_names: tuple[str, ...] = ()
     column: str | None = None  # `_id` → "res_id", `_lastUpdated` → "last_updated"
+
+    @property
+    def index_name(self) -> str:
+        """The (first) name this parameter's values are stored under."""
+        return self.index_names[0]
+
+    @property
+    def extracted(self) -> bool:
+        """Whether writes store values under this parameter's own name."""
+        return self.supported and self.column is None and self.index_names == (self.name,)
 
 
 class _NotCompiled(Exception):
@@ -251,12 +269,12 @@ def _compile(
     code: str, kind: str, expression: str, base: str, own_type: str, targets: tuple[str, ...]
 ) -> SearchParam:
     if code in _COLUMN_PARAMS:
-        return SearchParam(code, kind, expression, index_name=code, column=_COLUMN_PARAMS[code])
+        return SearchParam(code, kind, expression, index_names=(code,), column=_COLUMN_PARAMS[code])
     if kind not in LEAF_TYPES:
-        return SearchParam(code, kind, expression, supported=False, index_name=code,
+        return SearchParam(code, kind, expression, supported=False, index_names=(code,),
                            reason=f"{kind} parameters are not supported")
     if not expression:
-        return SearchParam(code, kind, expression, supported=False, index_name=code,
+        return SearchParam(code, kind, expression, supported=False, index_names=(code,),
                            reason="no FHIRPath expression")
     paths: list[ElementPath] = []
     skipped: list[str] = []
@@ -273,10 +291,10 @@ def _compile(
                 skipped.append(f"{'.'.join(k for k, _ in p.steps)} ({p.leaf})")
     if not paths:
         return SearchParam(code, kind, expression, targets=targets, supported=False,
-                           index_name=code, reason="not indexed: " + "; ".join(skipped))
+                           index_names=(code,), reason="not indexed: " + "; ".join(skipped))
     return SearchParam(code, kind, expression, tuple(dict.fromkeys(paths)), targets,
                        reason=("not indexed: " + "; ".join(skipped)) if skipped else None,
-                       index_name=code)
+                       index_names=(code,))
 
 
 def _build() -> dict[str, dict[str, SearchParam]]:
@@ -297,11 +315,32 @@ def _build() -> dict[str, dict[str, SearchParam]]:
                 # Same kind and paths as an earlier parameter: store the values once.
                 first = by_paths.setdefault((p.type, p.paths), code)
                 if first != code:
-                    p = SearchParam(p.name, p.type, p.expression, p.paths, p.targets,
-                                    reason=p.reason, index_name=first)
+                    p = _stored_as(p, (first,))
             params[code] = p
-        out[name] = dict(sorted(params.items()))
+        out[name] = _share_unions(params)
     return out
+
+
+def _stored_as(p: SearchParam, names: tuple[str, ...]) -> SearchParam:
+    return SearchParam(p.name, p.type, p.expression, p.paths, p.targets, reason=p.reason,
+                       index_names=names)
+
+
+def _share_unions(params: dict[str, SearchParam]) -> dict[str, SearchParam]:
+    """A union parameter whose paths are exactly those of other parameters of its kind
+    (Observation `combo-code` = `code` | `component-code`) reads their index values instead
+    of storing its own copy."""
+    own = {
+        (p.type, path): n for n, p in params.items() if p.extracted and len(p.paths) == 1
+        for path in p.paths
+    }
+    out = dict(params)
+    for n, p in params.items():
+        if p.extracted and len(p.paths) > 1:
+            names = [own.get((p.type, path)) for path in p.paths]
+            if all(names) and n not in names:
+                out[n] = _stored_as(p, tuple(dict.fromkeys(x for x in names if x)))
+    return dict(sorted(out.items()))
 
 
 @cache

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, and_, select
 
-from core.fhir.search_params import IndexValues
+from core.fhir.search_index import IndexValues
 from core.store import bulk
 from core.store.schema import resource_history as H
 
@@ -30,6 +30,7 @@ __all__ = [
     "read_current",
     "lock_current",
     "write_resources",
+    "reindex_resources",
     "delete_resources",
     "read_version",
     "read_history",
@@ -166,19 +167,23 @@ def lock_current(
 # statement moves them into the store: no statement text that grows with the chunk, no
 # parameter adaptation. The statement consumes what it moves (DELETE ... RETURNING), so
 # several writes in one transaction never see each other's rows; ON COMMIT DELETE ROWS empties
-# it at the end whatever happened.
+# it at the end whatever happened. A resource's index rows travel as parallel arrays.
 
 STAGE_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS resource_stage (
     res_type text NOT NULL, res_id text NOT NULL, content jsonb NOT NULL,
-    tokens text[] NOT NULL, date_lo timestamptz, date_hi timestamptz, method text NOT NULL,
-    string_params text[] NOT NULL, string_values text[] NOT NULL
+    tokens text[] NOT NULL, method text NOT NULL,
+    string_params text[] NOT NULL, string_values text[] NOT NULL,
+    date_params text[] NOT NULL, date_lo timestamptz[] NOT NULL, date_hi timestamptz[] NOT NULL,
+    number_params text[] NOT NULL, number_systems text[] NOT NULL,
+    number_codes text[] NOT NULL, number_lo numeric[] NOT NULL, number_hi numeric[] NOT NULL
 ) ON COMMIT DELETE ROWS
 """
 
 _STAGE_COPY = (
-    "COPY resource_stage (res_type, res_id, content, tokens, date_lo, date_hi, method, "
-    "string_params, string_values) FROM STDIN"
+    "COPY resource_stage (res_type, res_id, content, tokens, method, string_params, "
+    "string_values, date_params, date_lo, date_hi, number_params, number_systems, "
+    "number_codes, number_lo, number_hi) FROM STDIN"
 )
 
 # Set on a DBAPI connection (in its `info`) whose session has the staging table for good.
@@ -187,9 +192,47 @@ STAGED = "fhirq_resource_stage"
 _STAGED_ROWS = """
 input AS (
     DELETE FROM resource_stage RETURNING res_type, res_id, content,
-        md5(content::text)::uuid AS content_hash, tokens, date_lo, date_hi, method,
-        string_params, string_values
+        md5(content::text)::uuid AS content_hash, tokens, method,
+        string_params, string_values, date_params, date_lo, date_hi,
+        number_params, number_systems, number_codes, number_lo, number_hi
 )"""
+
+# The index rows of the staged resources: each index table in its own CTE, from the row's
+# parallel arrays (`{rows}`: the staged rows to index, with the alias `i`).
+_INDEX_NEW = """
+strings_new AS (
+    INSERT INTO resource_string (res_type, res_id, param, value)
+    SELECT i.res_type, i.res_id, s.param, s.value
+    FROM {rows}, unnest(i.string_params, i.string_values) AS s(param, value)
+),
+dates_new AS (
+    INSERT INTO resource_date (res_type, res_id, param, lo, hi)
+    SELECT i.res_type, i.res_id, d.param, d.lo, d.hi
+    FROM {rows}, unnest(i.date_params, i.date_lo, i.date_hi) AS d(param, lo, hi)
+),
+numbers_new AS (
+    INSERT INTO resource_number (res_type, res_id, param, system, code, lo, hi)
+    SELECT i.res_type, i.res_id, n.param, n.system, n.code, n.lo, n.hi
+    FROM {rows}, unnest(i.number_params, i.number_systems, i.number_codes, i.number_lo,
+                        i.number_hi) AS n(param, system, code, lo, hi)
+)"""
+
+# The old index rows of the resources a statement rewrote (CTE `up`).
+_INDEX_GONE = """
+strings_gone AS (
+    DELETE FROM resource_string s USING up
+    WHERE s.res_type = up.res_type AND s.res_id = up.res_id
+),
+dates_gone AS (
+    DELETE FROM resource_date d USING up
+    WHERE d.res_type = up.res_type AND d.res_id = up.res_id
+),
+numbers_gone AS (
+    DELETE FROM resource_number n USING up
+    WHERE n.res_type = up.res_type AND n.res_id = up.res_id
+)"""
+
+_REWRITTEN = "input i JOIN up USING (res_type, res_id)"
 
 # Every row a create with a server-assigned id (a fresh UUID): nothing can conflict, so
 # plain INSERTs, and one timestamp for the chunk.
@@ -198,19 +241,15 @@ WITH {_STAGED_ROWS},
 ts AS (SELECT clock_timestamp() AS at),
 up AS (
     INSERT INTO resource
-        (res_type, res_id, version, last_updated, deleted, content_hash, tokens, date_lo, date_hi)
-    SELECT res_type, res_id, 1, ts.at, false, content_hash, tokens, date_lo, date_hi
+        (res_type, res_id, version, last_updated, deleted, content_hash, tokens)
+    SELECT res_type, res_id, 1, ts.at, false, content_hash, tokens
     FROM input, ts
 ),
 hist AS (
     INSERT INTO resource_history (res_type, res_id, version, last_updated, deleted, method, content)
     SELECT res_type, res_id, 1, ts.at, false, method, content FROM input, ts
 ),
-strings_new AS (
-    INSERT INTO resource_string (res_type, res_id, param, value)
-    SELECT i.res_type, i.res_id, s.param, s.value
-    FROM input i, unnest(i.string_params, i.string_values) AS s(param, value)
-)
+{_INDEX_NEW.format(rows="input i")}
 SELECT at FROM ts
 """
 
@@ -221,13 +260,12 @@ prior AS (
 ),
 up AS (
     INSERT INTO resource AS r
-        (res_type, res_id, version, last_updated, deleted, content_hash, tokens, date_lo, date_hi)
-    SELECT res_type, res_id, 1, clock_timestamp(), false, content_hash, tokens, date_lo, date_hi
+        (res_type, res_id, version, last_updated, deleted, content_hash, tokens)
+    SELECT res_type, res_id, 1, clock_timestamp(), false, content_hash, tokens
     FROM input
     ON CONFLICT (res_type, res_id) DO UPDATE SET
         version = r.version + 1, last_updated = EXCLUDED.last_updated, deleted = false,
-        content_hash = EXCLUDED.content_hash, tokens = EXCLUDED.tokens,
-        date_lo = EXCLUDED.date_lo, date_hi = EXCLUDED.date_hi
+        content_hash = EXCLUDED.content_hash, tokens = EXCLUDED.tokens
     WHERE r.deleted OR r.content_hash IS DISTINCT FROM EXCLUDED.content_hash
     RETURNING r.res_type, r.res_id, r.version, r.last_updated
 ),
@@ -236,30 +274,29 @@ hist AS (
     SELECT up.res_type, up.res_id, up.version, up.last_updated, false, input.method, input.content
     FROM up JOIN input USING (res_type, res_id)
 ),
-strings_gone AS (
-    DELETE FROM resource_string s USING up
-    WHERE s.res_type = up.res_type AND s.res_id = up.res_id
-),
-strings_new AS (
-    INSERT INTO resource_string (res_type, res_id, param, value)
-    SELECT i.res_type, i.res_id, s.param, s.value
-    FROM input i JOIN up USING (res_type, res_id),
-         unnest(i.string_params, i.string_values) AS s(param, value)
-)
+{_INDEX_GONE},
+{_INDEX_NEW.format(rows=_REWRITTEN)}
 SELECT up.res_type, up.res_id, up.version, up.last_updated,
        (prior.res_id IS NULL OR prior.deleted) AS created
 FROM up LEFT JOIN prior USING (res_type, res_id)
 """
+
 
 def _stage(conn: Connection, rows: Sequence[WriteRow]) -> None:
     lines = []
     for row in rows:
         t, i = row.key
         index = row.index
+        dates, numbers = index.dates, index.numbers
         lines.append("\t".join((
             bulk.text(t), bulk.text(i), bulk.json(row.content), bulk.array(index.tokens),
-            bulk.stamp(index.date_lo), bulk.stamp(index.date_hi), row.method,
+            row.method,
             bulk.array([p for p, _ in index.strings]), bulk.array([v for _, v in index.strings]),
+            bulk.array([d[0] for d in dates]), bulk.array([d[1].isoformat() for d in dates]),
+            bulk.array([d[2].isoformat() for d in dates]),
+            bulk.array([n[0] for n in numbers]), bulk.array([n[1] for n in numbers]),
+            bulk.array([n[2] for n in numbers]), bulk.array([str(n[3]) for n in numbers]),
+            bulk.array([str(n[4]) for n in numbers]),
         )))
     # An engine not made by core.store.db has no staging table yet: create it every time.
     before = None if conn.connection.info.get(STAGED) else STAGE_DDL
@@ -267,8 +304,8 @@ def _stage(conn: Connection, rows: Sequence[WriteRow]) -> None:
 
 
 def write_resources(conn: Connection, rows: Sequence[WriteRow]) -> list[Written]:
-    """Create or update every row: one COPY and one statement (resource, history and string
-    index).
+    """Create or update every row: one COPY and one statement (resource, history and the
+    index tables).
 
     Keys must be distinct within one call (callers split repeated keys into waves). Concurrent
     writers of the same key are serialised by the row lock of ON CONFLICT, so versions stay
@@ -291,13 +328,39 @@ def write_resources(conn: Connection, rows: Sequence[WriteRow]) -> list[Written]
     return [written[row.key] for row in rows]
 
 
+# Re-indexing: the staged rows carry the content as read; a resource whose content changed
+# since (another hash) was re-indexed by its writer and is left alone.
+_REINDEX = f"""
+WITH {_STAGED_ROWS},
+up AS (
+    UPDATE resource r SET tokens = input.tokens
+    FROM input
+    WHERE r.res_type = input.res_type AND r.res_id = input.res_id AND NOT r.deleted
+      AND r.content_hash = input.content_hash
+    RETURNING r.res_type, r.res_id
+),
+{_INDEX_GONE},
+{_INDEX_NEW.format(rows=_REWRITTEN)}
+SELECT count(*) FROM up
+"""
+
+
+def reindex_resources(conn: Connection, rows: Sequence[WriteRow]) -> int:
+    """Replace the index values of stored resources (`content` as stored, `index` the new
+    values): one COPY and one statement. Returns how many were re-indexed."""
+    if not rows:
+        return 0
+    _stage(conn, rows)
+    return conn.exec_driver_sql(_REINDEX).scalar_one()
+
+
 _DELETE = """
 WITH input AS (
     SELECT * FROM unnest(%(t)s::text[], %(i)s::text[]) AS x(res_type, res_id)
 ),
 up AS (
     UPDATE resource r SET version = r.version + 1, last_updated = clock_timestamp(),
-        deleted = true, content_hash = NULL, tokens = '{}', date_lo = NULL, date_hi = NULL
+        deleted = true, content_hash = NULL, tokens = '{}'
     FROM input
     WHERE r.res_type = input.res_type AND r.res_id = input.res_id AND NOT r.deleted
     RETURNING r.res_type, r.res_id, r.version, r.last_updated
@@ -309,6 +372,14 @@ hist AS (
 strings_gone AS (
     DELETE FROM resource_string s USING up
     WHERE s.res_type = up.res_type AND s.res_id = up.res_id
+),
+dates_gone AS (
+    DELETE FROM resource_date d USING up
+    WHERE d.res_type = up.res_type AND d.res_id = up.res_id
+),
+numbers_gone AS (
+    DELETE FROM resource_number n USING up
+    WHERE n.res_type = up.res_type AND n.res_id = up.res_id
 )
 SELECT res_type, res_id, version, last_updated FROM up
 """

@@ -1,13 +1,15 @@
 """Table definitions of the resource store (SQLAlchemy Core; Alembic migrations mirror them).
 
 - `resource`: the current version of every resource: its metadata and the search index columns
-  that the supported search parameters need (`tokens` GIN, `date_lo`/`date_hi`,
+  that the supported search parameters need (`tokens` GIN for token / reference / uri,
   `last_updated`). Not its content: (res_type, res_id, version) names the `resource_history`
   row that holds it, so each version's JSON is written once.
 - `resource_history`: every version ever written, current one included, with its content
   (read, vread, search pages, _history).
-- `resource_string`: normalised string search values (name/family/given), one row per value,
-  so that prefix search is a btree range scan.
+- `resource_string`: normalised string search values, one row per value, so that prefix
+  search is a btree range scan.
+- `resource_date`, `resource_number`: the value ranges of every date, number and quantity
+  search parameter, one row per value (formats: `core.fhir.search_index`).
 - `job`, `job_entry`, `job_result`, `job_chunk`: async jobs, their entries and per-entry
   results (core.jobs).
 
@@ -29,6 +31,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Numeric,
     PrimaryKeyConstraint,
     Table,
     Text,
@@ -51,15 +54,11 @@ resource = Table(
     # content hashes the same is a no-op. JSONB's text form is canonical (keys sorted).
     Column("content_hash", UUID),
     # Token and reference search values, e.g. "identifier:http://x|123", "gender:*|male",
-    # "subject:Patient/1". Format owned by core.fhir.search_params.
+    # "subject:Patient/1". Format owned by core.fhir.search_index.
     Column("tokens", ARRAY(Text), nullable=False, server_default="{}"),
-    Column("date_lo", DateTime(timezone=True)),
-    Column("date_hi", DateTime(timezone=True)),
     PrimaryKeyConstraint("res_type", "res_id"),
     Index("ix_resource_tokens", "tokens", postgresql_using="gin"),
     Index("ix_resource_type_updated", "res_type", "last_updated"),
-    Index("ix_resource_type_date_lo", "res_type", "date_lo"),
-    Index("ix_resource_type_date_hi", "res_type", "date_hi"),
 )
 
 resource_history = Table(
@@ -86,6 +85,37 @@ resource_string = Table(
     Column("value", Text(collation="C"), nullable=False),
     Index("ix_string_lookup", "res_type", "param", "value"),
     Index("ix_string_owner", "res_type", "res_id"),
+)
+
+# One row per value of a date parameter: its inclusive UTC range. The INCLUDE columns let a
+# range query answer from the index alone.
+resource_date = Table(
+    "resource_date",
+    metadata,
+    Column("res_type", Text, nullable=False),
+    Column("res_id", Text, nullable=False),
+    Column("param", Text, nullable=False),
+    Column("lo", DateTime(timezone=True), nullable=False),
+    Column("hi", DateTime(timezone=True), nullable=False),
+    Index("ix_date_lo", "res_type", "param", "lo", postgresql_include=["hi", "res_id"]),
+    Index("ix_date_hi", "res_type", "param", "hi", postgresql_include=["lo", "res_id"]),
+    Index("ix_date_owner", "res_type", "res_id"),
+)
+
+# One row per value of a number or quantity parameter (system and code "" for numbers).
+resource_number = Table(
+    "resource_number",
+    metadata,
+    Column("res_type", Text, nullable=False),
+    Column("res_id", Text, nullable=False),
+    Column("param", Text, nullable=False),
+    Column("system", Text, nullable=False),
+    Column("code", Text, nullable=False),
+    Column("lo", Numeric, nullable=False),
+    Column("hi", Numeric, nullable=False),
+    Index("ix_number_lo", "res_type", "param", "lo", postgresql_include=["hi", "res_id"]),
+    Index("ix_number_hi", "res_type", "param", "hi", postgresql_include=["lo", "res_id"]),
+    Index("ix_number_owner", "res_type", "res_id"),
 )
 
 # --------------------------------------------------------------------------- jobs
