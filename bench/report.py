@@ -200,6 +200,11 @@ EXTRA_COLUMNS = {
     "transactions_per_s": ("tx/s", 0),
     "offered_per_s": ("offered tx/s", 0),
     "send_lag_p99_ms": ("client send lag p99 ms", 1),
+    "store_resources": ("store resources", 0),
+    "build_s": ("store build s", 0),
+    "bytes_per_resource": ("disk B/resource", 0),
+    "search_identifier_ms": ("search by identifier ms", 1),
+    "search_date_ms": ("search by date ms", 1),
 }
 
 

@@ -16,6 +16,8 @@ one times:
 - W5 small synchronous transactions: the peak rate of closed-loop clients, then per-request
   latency at an open-loop offered load of half that peak.
 - W6 W1 with one worker process and with two.
+- W7 W1 into a store that already holds millions of resources, against the empty store
+  (bench.w7, bench.bigstore).
 """
 
 from __future__ import annotations
@@ -73,10 +75,12 @@ class Sizes:
     w5_peak_seconds: float = 10.0
     w5_open_seconds: float = 20.0  # the open loop at half of the peak
     w5_entries: int = 10
+    w7_store: int = 10_000_000  # resources the large store holds before W7's batch
+    w7_batch: int = 20_000
 
 
 QUICK = Sizes(runs=1, w1_full=0, w1_repeat=2_000, w2=1_000, w3_bundles=5, w4=5_000,
-              w5_peak_seconds=2.0, w5_open_seconds=3.0)
+              w5_peak_seconds=2.0, w5_open_seconds=3.0, w7_store=20_000, w7_batch=2_000)
 
 
 @dataclass
@@ -95,6 +99,8 @@ class Bench:
     _patients: list[dict[str, Any]] = field(default_factory=list)
     _bodies: dict[int, bytes] = field(default_factory=dict)
     _rows: dict[str, baseline.CopyRows] = field(default_factory=dict)
+    w7_database: str | None = None  # where W7's large store is kept (None: by its size)
+    w7_rebuild: bool = False  # build W7's large store even when a kept one matches
 
     # ------------------------------------------------------------------ shared helpers
 
@@ -559,6 +565,13 @@ class Bench:
             due += rng.expovariate(rate)
         await asyncio.gather(*tasks)
         return time.monotonic() - t0, latencies, lags
+
+    # ------------------------------------------------------------------ W7
+
+    def w7(self) -> list[Series]:
+        from bench.w7 import run_w7
+
+        return run_w7(self, self.w7_database, rebuild=self.w7_rebuild)
 
 
 _PARSE = """

@@ -1,4 +1,4 @@
-"""`fhirq bench`: the benchmarks of bench/ (workloads W1–W6, each beside its raw PostgreSQL COPY
+"""`fhirq bench`: the benchmarks of bench/ (workloads W1–W7, each beside its raw PostgreSQL COPY
 baseline measured in the same run). Registered by cli.main through `register`."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import click
 
 __all__ = ["register"]
 
-WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W7")
 
 
 def _workloads(value: str | None) -> tuple[str, ...]:
@@ -34,6 +34,14 @@ def _workloads(value: str | None) -> tuple[str, ...]:
 @click.option("--w1-repeat", type=click.IntRange(100), default=None,
               help="Size of W1's repeated runs and of W6 [default: 20000]; W1 also runs "
                    "once at 100,000.")
+@click.option("--w7-store", type=click.IntRange(1), default=None,
+              help="Resources in W7's large store [default: 10000000; --quick: 20000]. It "
+                   "is kept (database fhirq_bench_w7_<size>) and reused while it matches "
+                   "the schema.")
+@click.option("--w7-database", default=None, metavar="NAME",
+              help="Database of W7's kept store [default: fhirq_bench_w7_<size>].")
+@click.option("--w7-rebuild", is_flag=True, help="Build W7's large store again even if a kept "
+                                                   "one matches.")
 @click.option("--synthea", is_flag=True,
               help="With W3, also load the 22 real Synthea bundles (FHIRQ_SYNTHEA_DIR).")
 @click.option("--synthea-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -65,6 +73,9 @@ def bench(
     quick: bool,
     runs: int | None,
     w1_repeat: int | None,
+    w7_store: int | None,
+    w7_database: str | None,
+    w7_rebuild: bool,
     synthea: bool,
     synthea_dir: Path | None,
     output: Path,
@@ -78,7 +89,7 @@ def bench(
     concurrency: int,
     chunk_size: int | None,
 ) -> None:
-    """Measure throughput, latency and memory of workloads W1–W6 against real API and worker
+    """Measure throughput, latency and memory of workloads W1–W7 against real API and worker
     processes, each beside a COPY of the same rows into tables with the same indexes."""
     from rich.console import Console
 
@@ -106,6 +117,9 @@ def bench(
         quick=quick,
         runs=runs,
         w1_repeat=w1_repeat,
+        w7_store=w7_store,
+        w7_database=w7_database,
+        w7_rebuild=w7_rebuild,
         synthea=synthea,
         synthea_dir=synthea_dir,
         output=output,

@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
+import psycopg2
 import pytest
 
 from bench.report import (
@@ -151,3 +153,77 @@ def test_results_render_again_as_markdown(results: dict) -> None:
 )
 def test_percentile(values: list[float], q: float, expected: float) -> None:
     assert percentile(values, q) == pytest.approx(expected)
+
+
+@pytest.fixture(scope="module")
+def w7_results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """W7 at a tiny store (built from scratch by this run, dropped afterwards)."""
+    out = tmp_path_factory.mktemp("bench-w7") / "results.json"
+    store = f"fhirq_bench_w7_smoke_{os.getpid()}"
+    cmd = [sys.executable, "-m", "cli", "bench", "--quick", "--only", "W7", "--w7-store", "6000",
+           "--w7-database", store, "--w7-rebuild",
+           "--database", f"fhirq_bench_smoke_w7_{os.getpid()}", "--output", str(out)]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                              timeout=240)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        yield orjson.loads(out.read_bytes())
+    finally:
+        from tests.conftest import ADMIN_URL
+
+        admin = psycopg2.connect(ADMIN_URL)
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{store}" WITH (FORCE)')
+        admin.close()
+
+
+def test_w7_reports_the_large_store_against_the_empty_one(w7_results: dict) -> None:
+    empty, full = [s for s in w7_results["series"] if s["workload"] == "W7"]
+    assert empty["runs"] and empty["baseline"]  # the empty store, beside its COPY baseline
+    (run,) = full["runs"]
+    assert run["size"] == w7_results["meta"]["sizes"]["w7_batch"]
+    # The large store's rate against the empty store's, measured in the same run.
+    assert run["baseline"] == pytest.approx(empty["runs"][0]["rate"])
+    assert full["summary"]["ratio"] == pytest.approx(run["rate"] / run["baseline"])
+    assert full["met"] in (True, False)
+    extra = run["extra"]
+    assert extra["store_resources"] == 6000  # loaded resources removed again, seed multiplied
+    assert 500 < extra["bytes_per_resource"] < 50_000
+    assert extra["search_identifier_ms"] > 0 and extra["search_date_ms"] > 0
+    assert extra["build_s"] > 0
+
+
+def test_w7_store_is_multiplied_consistently(w7_results: dict) -> None:
+    """Ids, references and identifiers of every copy were rewritten together: each copy's
+    Observations point at that copy's Patient."""
+    from bench.bigstore import MARK
+    from tests.conftest import ADMIN_URL
+
+    del w7_results  # only its store: still there until the module ends
+    from tests.embedded_services import database_url
+
+    url = database_url(ADMIN_URL, f"fhirq_bench_w7_smoke_{os.getpid()}")
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*), count(DISTINCT res_id) FROM resource")
+            total, distinct = cur.fetchone()
+            assert total == distinct == 6000
+            # Content lives in the history (one version each here).
+            cur.execute("SELECT count(*) FROM resource_history o JOIN resource p ON p.res_type "
+                        "= 'Patient' AND 'Patient/' || p.res_id = o.content->'subject'->>"
+                        "'reference' WHERE o.res_type = 'Observation' AND right(o.res_id, 7) "
+                        "<> right(p.res_id, 7)")
+            assert cur.fetchone()[0] == 0
+            cur.execute("SELECT count(*) FROM resource_history o WHERE res_type = 'Observation' "
+                        "AND NOT EXISTS (SELECT 1 FROM resource p WHERE p.res_type = 'Patient' "
+                        "AND 'Patient/' || p.res_id = o.content->'subject'->>'reference')")
+            assert cur.fetchone()[0] == 0  # no dangling subject
+            cur.execute("SELECT count(*) FROM resource_history WHERE content::text LIKE %s",
+                        (f"%{MARK[:3]}%",))
+            assert cur.fetchone()[0] == 6000
+            cur.execute("SELECT count(*) FROM resource_history")
+            assert cur.fetchone()[0] == 6000
+    finally:
+        conn.close()
