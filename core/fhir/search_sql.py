@@ -129,7 +129,7 @@ def clause_condition(resource_type: str, c: Clause, table: Resource = R) -> Colu
         )
         return not_(present) if c.missing else present
     if isinstance(c, UriBelowClause):
-        tok = func.unnest(table.c.tokens).table_valued("t").alias("tok")
+        tok = func.unnest(table.c.tokens).table_valued("t").render_derived(name="tok")
         return exists(
             select(literal(1)).select_from(tok)
             .where(or_(*(tok.c.t.like(_like_escape(p) + "%") for p in c.prefixes)))
