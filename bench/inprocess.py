@@ -125,6 +125,22 @@ def accounting(engine: Engine) -> Iterator[Accounting]:
         event.remove(engine, "after_cursor_execute", after)
 
 
+def _store_size(engine: Engine, entries: int) -> str:
+    """What the run left on disk, dead row versions included (nothing has vacuumed yet): the
+    bytes each entry cost the store and the job tables, indexes included."""
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        sizes = conn.execute(text(
+            "SELECT c.relname, pg_total_relation_size(c.oid) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = 'public' AND c.relkind = 'r' ORDER BY 2 DESC")).all()
+    total = sum(size for _, size in sizes)
+    parts = ", ".join(f"{name} {size / entries:,.0f}" for name, size in sizes
+                      if size >= entries * 8)
+    return f"  on disk: {total / entries:,.0f} bytes an entry ({parts})"
+
+
 def _cpu_seconds(pid: int) -> float | None:
     """User + system CPU of a local process (None if it is not visible here)."""
     try:
@@ -193,6 +209,7 @@ def run(args: argparse.Namespace) -> None:
             if profiler is not None:
                 profiler.stop()
         print(acc.report(entries))
+        print(_store_size(engine, entries))
         if profiler is not None:
             print(profiler.output_text(unicode=True, color=False, show_all=False))
 

@@ -191,9 +191,8 @@ STAGED = "fhirq_resource_stage"
 
 _STAGED_ROWS = """
 input AS (
-    DELETE FROM resource_stage RETURNING res_type, res_id, content,
-        md5(content::text)::uuid AS content_hash, tokens, method,
-        string_params, string_values, date_params, date_lo, date_hi,
+    DELETE FROM resource_stage RETURNING res_type, res_id, content, {hash} AS content_hash,
+        tokens, method, string_params, string_values, date_params, date_lo, date_hi,
         number_params, number_systems, number_codes, number_lo, number_hi
 )"""
 
@@ -235,9 +234,11 @@ numbers_gone AS (
 _REWRITTEN = "input i JOIN up USING (res_type, res_id)"
 
 # Every row a create with a server-assigned id (a fresh UUID): nothing can conflict, so
-# plain INSERTs, and one timestamp for the chunk.
+# plain INSERTs, and one timestamp for the chunk. No content hash: hashing a resource's JSONB
+# text costs PostgreSQL about as much as writing its history row, and most resources are never
+# updated; the first update computes it (see _UPSERT).
 _CREATE = f"""
-WITH {_STAGED_ROWS},
+WITH {_STAGED_ROWS.format(hash="NULL::uuid")},
 ts AS (SELECT clock_timestamp() AS at),
 up AS (
     INSERT INTO resource
@@ -253,8 +254,14 @@ hist AS (
 SELECT at FROM ts
 """
 
+# The hash of the current version: a version without one yet (created by _CREATE) is hashed
+# from its history row when an update or a re-index meets it.
+_CURRENT_HASH = """coalesce(r.content_hash, (
+        SELECT md5(h.content::text)::uuid FROM resource_history h
+        WHERE h.res_type = r.res_type AND h.res_id = r.res_id AND h.version = r.version))"""
+
 _UPSERT = f"""
-WITH {_STAGED_ROWS},
+WITH {_STAGED_ROWS.format(hash="md5(content::text)::uuid")},
 prior AS (
     SELECT r.res_type, r.res_id, r.deleted FROM resource r JOIN input USING (res_type, res_id)
 ),
@@ -266,7 +273,7 @@ up AS (
     ON CONFLICT (res_type, res_id) DO UPDATE SET
         version = r.version + 1, last_updated = EXCLUDED.last_updated, deleted = false,
         content_hash = EXCLUDED.content_hash, tokens = EXCLUDED.tokens
-    WHERE r.deleted OR r.content_hash IS DISTINCT FROM EXCLUDED.content_hash
+    WHERE r.deleted OR EXCLUDED.content_hash IS DISTINCT FROM {_CURRENT_HASH}
     RETURNING r.res_type, r.res_id, r.version, r.last_updated
 ),
 hist AS (
@@ -331,12 +338,12 @@ def write_resources(conn: Connection, rows: Sequence[WriteRow]) -> list[Written]
 # Re-indexing: the staged rows carry the content as read; a resource whose content changed
 # since (another hash) was re-indexed by its writer and is left alone.
 _REINDEX = f"""
-WITH {_STAGED_ROWS},
+WITH {_STAGED_ROWS.format(hash="md5(content::text)::uuid")},
 up AS (
     UPDATE resource r SET tokens = input.tokens
     FROM input
     WHERE r.res_type = input.res_type AND r.res_id = input.res_id AND NOT r.deleted
-      AND r.content_hash = input.content_hash
+      AND {_CURRENT_HASH} = input.content_hash
     RETURNING r.res_type, r.res_id
 ),
 {_INDEX_GONE},

@@ -50,8 +50,9 @@ resource = Table(
     Column("version", Integer, nullable=False),
     Column("last_updated", DateTime(timezone=True), nullable=False),
     Column("deleted", Boolean, nullable=False, server_default="false"),
-    # md5(content::text)::uuid of the current version (NULL once deleted): an update whose new
-    # content hashes the same is a no-op. JSONB's text form is canonical (keys sorted).
+    # md5(content::text)::uuid of the current version: an update whose new content hashes the
+    # same is a no-op (JSONB's text form is canonical: keys sorted). NULL when deleted, or not
+    # computed yet (a bulk create leaves it to the first update: core.store.repository).
     Column("content_hash", UUID),
     # Token and reference search values, e.g. "identifier:http://x|123", "gender:*|male",
     # "subject:Patient/1". Format owned by core.fhir.search_index.

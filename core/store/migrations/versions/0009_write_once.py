@@ -3,10 +3,10 @@ row of `resource` names it by its version and keeps `content_hash` for no-op det
 entry's result is a row of the insert-only `job_result` instead of a rewrite of its `job_entry`
 request row (an entry without a result row is pending).
 
-Moves existing data: the hash of every current content is computed, any current version
-missing from the history is copied there before `resource.content` goes, and every finished
-entry's result moves to `job_result`. Takes an exclusive lock on these tables while it runs:
-upgrade with the workers stopped.
+Moves existing data: any current version missing from the history is copied there before
+`resource.content` goes (its hash is left to the first update, as for bulk creates), and every
+finished entry's result moves to `job_result`. Takes an exclusive lock on these tables while it
+runs: upgrade with the workers stopped.
 
 Revision ID: 0009
 Revises: 0008
@@ -33,9 +33,6 @@ def upgrade() -> None:
         FROM resource
         ON CONFLICT (res_type, res_id, version) DO NOTHING
         """
-    )
-    op.execute(
-        "UPDATE resource SET content_hash = md5(content::text)::uuid WHERE NOT deleted"
     )
     op.drop_column("resource", "content")
 
