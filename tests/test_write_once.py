@@ -206,3 +206,25 @@ def _index(resource: dict[str, Any]) -> Any:
     from core.fhir.search_params import extract_index
 
     return extract_index(resource)
+
+
+def test_bulk_creates_are_hashed_when_first_needed(clean_db: Engine) -> None:
+    """A bulk create stores no content hash; the first update and a re-index compute it from
+    the history row, so neither mistakes the resource for changed (or for unchanged)."""
+    from core.store.reindex import reindex
+
+    job_id = _accept(clean_db, 5, 5, "lazy")
+    _run_chunk(clean_db, job_id)
+    assert _scalar(clean_db, "SELECT count(content_hash) FROM resource") == 0
+    assert reindex(clean_db) == 5
+    with clean_db.begin() as conn:
+        rid, content = conn.execute(text(
+            "SELECT h.res_id, h.content FROM resource r JOIN resource_history h "
+            "USING (res_type, res_id, version) ORDER BY r.res_id LIMIT 1")).one()
+        put = {"resource": content, "request": {"method": "PUT", "url": f"Patient/{rid}"}}
+        changed = dict(content, active=True)
+        [same, other] = execute_batch(conn, [
+            (0, put), (1, {"resource": changed,
+                           "request": {"method": "PUT", "url": f"Patient/{rid}"}})], Context())
+    assert same.status == 200 and same.etag == 'W/"1"'
+    assert other.status == 200 and other.etag == 'W/"2"'
