@@ -46,6 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from typing import Any
 
 from core.fhir.search_registry import params_for, resource_types, walk
@@ -118,12 +119,17 @@ def _put_code(prefix: str, system: Any, code: Any, out: dict[str, None]) -> None
         code = "true" if code else "false"
     elif not isinstance(code, str) or not code:
         return
+    # `cap` only when needed: this runs for every code of every write.
     if isinstance(system, str) and system:
-        out[cap(f"{prefix}{system}|{code}")] = None
-        out[cap(f"{prefix}{system}|")] = None
+        t = f"{prefix}{system}|{code}"
+        out[t if len(t) <= _TOKEN_MAX else cap(t)] = None
+        t = f"{prefix}{system}|"
+        out[t if len(t) <= _TOKEN_MAX else cap(t)] = None
     else:
-        out[cap(f"{prefix}|{code}")] = None
-    out[cap(f"{prefix}*|{code}")] = None
+        t = f"{prefix}|{code}"
+        out[t if len(t) <= _TOKEN_MAX else cap(t)] = None
+    t = f"{prefix}*|{code}"
+    out[t if len(t) <= _TOKEN_MAX else cap(t)] = None
 
 
 # --------------------------------------------------------------------------- tokens
@@ -240,8 +246,10 @@ _DATE_RE = re.compile(
 )
 
 
+@lru_cache(maxsize=8192)
 def date_range(text: str) -> tuple[datetime, datetime] | None:
-    """Inclusive UTC range a FHIR date / dateTime / instant covers; None if it is not one."""
+    """Inclusive UTC range a FHIR date / dateTime / instant covers; None if it is not one.
+    Cached: a patient's resources repeat the same instants (encounter, claim, report...)."""
     n = len(text)
     try:
         if n == 10 and text[4] == "-" and text[7] == "-":
@@ -437,8 +445,7 @@ _PLANS: dict[str, dict[str, tuple[_Entry, ...]]] = {t: _plan(t) for t in resourc
 _GENERIC_PLAN = _plan("")
 
 
-def _walk(value: Any, where: tuple[str, str] | None, rest: tuple[Any, ...]) -> list[Any]:
-    cur = value if isinstance(value, list) else [value]
+def _walk(cur: list[Any], where: tuple[str, str] | None, rest: tuple[Any, ...]) -> list[Any]:
     if where is not None:
         k, want = where
         cur = [n for n in cur if isinstance(n, dict) and n.get(k) == want]
@@ -456,9 +463,9 @@ def extract_index(resource: dict[str, Any]) -> IndexValues:
         entries = plan.get(key)
         if entries is None or value is None:
             continue
+        listed = value if isinstance(value, list) else [value]
         for name, where, rest, ref_type, emit, marked in entries:
-            values = _walk(value, where, rest) if (where or rest or not isinstance(value, list)) \
-                else value
+            values = _walk(listed, where, rest) if (where or rest) else listed
             if not values:
                 continue
             if marked:
