@@ -23,6 +23,7 @@ __all__ = [
     "SyntheaSet",
     "batch_body",
     "bundle_resources",
+    "count_entries",
     "load_synthea",
     "patient",
     "synthea_like_bundle",
@@ -287,10 +288,10 @@ class SyntheaSet:
 
     @property
     def entries(self) -> int:
-        return sum(_count_entries(b) for _, b in self.batches + self.transactions)
+        return sum(count_entries(b) for _, b in self.batches + self.transactions)
 
 
-def _count_entries(body: bytes) -> int:
+def count_entries(body: bytes) -> int:
     return len(orjson.loads(body).get("entry") or [])
 
 

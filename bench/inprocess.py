@@ -6,6 +6,7 @@ profile of the whole.
 
     python -m bench.inprocess --entries 20000            # W1's chunks
     python -m bench.inprocess --transactions 10          # W3's transactions
+    python -m bench.inprocess --synthea                  # W3's real Synthea transactions
     python -m bench.inprocess --entries 20000 --chunk-size 1000 --gc-freeze
 
 The process holds what a worker process holds (everything `worker.tasks` imports) and none of
@@ -27,6 +28,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, event
@@ -48,12 +50,15 @@ class Accounting:
     # CPU seconds of the PostgreSQL backends that served the run (a local server only): less
     # sensitive to a busy machine than wall time.
     backend_cpu: float | None = None
+    cpu: float = 0.0  # this process's CPU time (the database server's is not in it)
 
     def report(self, entries: int) -> str:
         sql_total = sum(self.sql.values())
         python = self.wall - sql_total - self.gc_seconds
         lines = [f"{entries:,} entries in {self.wall:.2f} s = {entries / self.wall:,.0f}/s "
                  f"(one process)",
+                 f"  CPU of this process {self.cpu:6.2f} s = "
+                 f"{self.cpu / entries * 1e6:,.1f} µs/entry",
                  f"  SQL round trips    {sql_total:7.2f} s  {sql_total / self.wall:5.1%}",
                  f"  garbage collector  {self.gc_seconds:7.2f} s  "
                  f"{self.gc_seconds / self.wall:5.1%}  collections by generation "
@@ -111,7 +116,7 @@ def accounting(engine: Engine) -> Iterator[Accounting]:
     event.listen(engine, "after_cursor_execute", after)
     bulk.copy_in = timed_copy  # type: ignore[assignment]
     gc.callbacks.append(on_gc)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     try:
         yield acc
     finally:
@@ -120,6 +125,7 @@ def accounting(engine: Engine) -> Iterator[Accounting]:
         if spent and all(now is not None and first is not None for now, first in spent):
             acc.backend_cpu = sum(now - first for now, first in spent)  # type: ignore[operator]
         bulk.copy_in = copy_in  # type: ignore[assignment]
+        acc.cpu = time.process_time() - cpu0
         gc.callbacks.remove(on_gc)
         event.remove(engine, "before_cursor_execute", before)
         event.remove(engine, "after_cursor_execute", after)
@@ -160,6 +166,19 @@ def _accept(engine: Engine, body: bytes, chunk_size: int) -> str:
         return accept_job(conn, io.BytesIO(body), sub).job_id
 
 
+def _run_job(engine: Engine, job_id: str, *, transaction: bool) -> None:
+    """All of a job's work, one database transaction per task as a worker runs it."""
+    from core.jobs import run_chunk, run_transaction_job
+
+    while True:
+        with engine.begin() as conn:
+            if transaction:
+                run_transaction_job(conn, job_id, engine.begin)
+                return
+            if not run_chunk(conn, job_id, 0, engine.begin):
+                return
+
+
 def run(args: argparse.Namespace) -> None:
     from pyinstrument import Profiler
 
@@ -171,7 +190,20 @@ def run(args: argparse.Namespace) -> None:
 
     with bench_services(args.database) as services:
         engine = get_engine(services.database_url)
-        if args.transactions:
+        if args.synthea:
+            real = data.load_synthea(args.synthea_dir)
+            # The batches hold what the transactions reference conditionally; the first
+            # transaction compiles the validators of most types: neither is measured.
+            setup = [_accept(engine, b, args.chunk_size) for _, b in real.batches]
+            for job_id in setup:
+                _run_job(engine, job_id, transaction=False)
+            bundles = []
+            bodies = [b for _, b in real.transactions]
+            entries = sum(data.count_entries(b) for b in bodies[1:])
+            jobs = [_accept(engine, b, args.chunk_size) for b in bodies]
+            with engine.begin() as conn:
+                run_transaction_job(conn, jobs.pop(0), engine.begin)
+        elif args.transactions:
             rng = random.Random(3)
             # One more than measured: the first compiles the validators of its types.
             bundles = [data.synthea_like_bundle(rng.randint(100, 300), rng, serial=i)
@@ -199,13 +231,7 @@ def run(args: argparse.Namespace) -> None:
             if profiler is not None:
                 profiler.start()
             for job_id in jobs:
-                while True:
-                    with engine.begin() as conn:
-                        if args.transactions:
-                            run_transaction_job(conn, job_id, engine.begin)
-                            break
-                        if not run_chunk(conn, job_id, 0, engine.begin):
-                            break
+                _run_job(engine, job_id, transaction=bool(args.transactions or args.synthea))
             if profiler is not None:
                 profiler.stop()
         print(acc.report(entries))
@@ -220,6 +246,10 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=20_000, help="W1-like batch size")
     parser.add_argument("--transactions", type=int, default=0,
                         help="run this many W3-like transactions instead")
+    parser.add_argument("--synthea", action="store_true",
+                        help="run the real Synthea transactions of FHIRQ_SYNTHEA_DIR instead "
+                             "(after its batch bundles, unmeasured)")
+    parser.add_argument("--synthea-dir", type=Path, default=None)
     parser.add_argument("--chunk-size", type=int, default=500)
     parser.add_argument("--database", default="fhirq_bench_inprocess")
     parser.add_argument("--gc-freeze", action="store_true",
