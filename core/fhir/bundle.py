@@ -2,13 +2,53 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from core.errors import BadRequest, FhirError, TooLarge
-from core.fhir.strings import check_json_text
+from core.fhir.references import text_may_reference
+from core.fhir.strings import check_json_text, plain_json_text
 from core.fhir.validation import is_valid_id, known_resource_type
 
-__all__ = ["check_bundle", "check_entry", "upsert_entry", "upsert_outcome"]
+__all__ = [
+    "NOT_SCREENED",
+    "Screening",
+    "check_bundle",
+    "check_entry",
+    "screen_entries",
+    "upsert_entry",
+    "upsert_outcome",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Screening:
+    """What the entries' JSON text showed before it was decoded, by entry index, so that no
+    stage serialises an entry again to look for the same bytes: `plain` entries hold no
+    control character (`check_entry` skips that walk), `unreferenced` ones no `reference` key
+    (a batch write is not scanned for references)."""
+
+    plain: frozenset[int] = frozenset()
+    unreferenced: frozenset[int] = frozenset()
+
+
+NOT_SCREENED = Screening()
+
+
+def screen_entries(texts: Iterable[tuple[int, str | None]]) -> Screening:
+    """The screening of (index, entry JSON text) pairs: substring tests on the text a job
+    holds, in C, instead of a serialisation of each decoded entry."""
+    plain: list[int] = []
+    unreferenced: list[int] = []
+    for index, raw in texts:
+        if raw is None:
+            continue
+        if plain_json_text(raw):
+            plain.append(index)
+        if not text_may_reference(raw):
+            unreferenced.append(index)
+    return Screening(frozenset(plain), frozenset(unreferenced))
 
 BUNDLE_KINDS = ("batch", "transaction")
 
@@ -46,9 +86,10 @@ def check_bundle(body: Any, *, max_entries: int | None = None) -> tuple[str, lis
 _REQUEST_STRINGS = ("method", "url", "ifNoneMatch", "ifModifiedSince", "ifMatch", "ifNoneExist")
 
 
-def check_entry(entry: Any, expr: str) -> None:
+def check_entry(entry: Any, expr: str, *, plain: bool = False) -> None:
     """The JSON shape of one Bundle.entry (object members of the right JSON type) and the FHIR
-    character rule over all of it; 400 at the element, e.g. `Bundle.entry[2].request.method`."""
+    character rule over all of it (unless its text was found `plain` already); 400 at the
+    element, e.g. `Bundle.entry[2].request.method`."""
     if not isinstance(entry, dict):
         raise BadRequest("Bundle entry must be an object", expression=expr, code="structure")
     for name, kind, what in (
@@ -70,7 +111,8 @@ def check_entry(entry: Any, expr: str) -> None:
                 expression=f"{expr}.request.{name}",
                 code="structure",
             )
-    check_json_text(entry, expr)
+    if not plain:
+        check_json_text(entry, expr)
 
 
 def upsert_entry(element: Any, index: int) -> dict[str, Any]:

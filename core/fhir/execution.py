@@ -324,7 +324,8 @@ def _resolve_references(
             # One scan per resource: the references found here serve every later check.
             try:
                 scan = scan_references(s.resource, expression=f"{s.expr}.resource",
-                                       uris=placeholders is not None)
+                                       uris=placeholders is not None,
+                                       may_reference=s.entry.may_reference)
             except FhirError as err:
                 fail(s, err)
                 continue

@@ -89,4 +89,6 @@ def format_instant(value: datetime) -> str:
     """
     if value.tzinfo is not None and value.utcoffset():
         value = value.astimezone(UTC)
-    return f"{value:%Y-%m-%dT%H:%M:%S}.{value.microsecond // 1000:03d}Z"
+    # isoformat is C and truncates to milliseconds; its first 23 characters are the local
+    # part (a 4-digit year always), without the offset. Every written version formats one.
+    return value.isoformat(timespec="milliseconds")[:23] + "Z"

@@ -33,6 +33,7 @@ __all__ = [
     "rewrite_references",
     "reference_expressions",
     "literal_target",
+    "text_may_reference",
 ]
 
 _LITERAL = re.compile(
@@ -66,14 +67,15 @@ class ReferenceScan:
 
 
 def scan_references(resource: dict[str, Any], *, expression: str = "",
-                    uris: bool = True) -> ReferenceScan:
+                    uris: bool = True, may_reference: bool = True) -> ReferenceScan:
     """The links of `resource`, found along its type's link tree (`expression`: where the
     resource sits, for the error of a resource too deep to walk). With `uris=False` (a batch:
     no placeholders to rewrite in uri elements) only `Reference.reference` values matter, and a
-    resource whose JSON has no `"reference"` key at all is not walked."""
+    resource whose JSON has no `"reference"` key at all is not walked (`may_reference=False`:
+    the caller found none in its text already)."""
     refs: list[str] = []
     links: list[str] = []
-    if not uris and not _may_reference(resource):
+    if not uris and not (may_reference and _may_reference(resource)):
         return ReferenceScan(resource, refs, links)
     try:
         _collect_resource(resource, refs, links)
@@ -106,6 +108,13 @@ def reference_expressions(resource: dict[str, Any], value: str, *, root: str) ->
     found: list[tuple[Any, ...]] = []
     _locate(resource, resource_links(str(resource.get("resourceType"))), value, (), found)
     return [fhirpath_at(root, resource, loc) for loc in found] or [root]
+
+
+def text_may_reference(raw: str) -> bool:
+    """False only when JSON text `raw` has no `reference` key: without a `\\u` escape
+    (the only one that can spell a letter) a key is written as its letters, so its absence
+    from the text is its absence from the value."""
+    return '"reference"' in raw or "\\u" in raw
 
 
 def _may_reference(resource: dict[str, Any]) -> bool:

@@ -6,7 +6,7 @@ equal content compares equal in SQL); every read path puts them back with `row_t
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from core.fhir.model import format_instant
@@ -21,7 +21,7 @@ def row_to_resource(content: dict, version: int, last_updated: datetime) -> dict
     """
     meta = dict(content.get("meta") or {})
     meta["versionId"] = str(version)
-    meta["lastUpdated"] = format_instant(last_updated.astimezone(UTC))
+    meta["lastUpdated"] = format_instant(last_updated)  # in UTC, whatever its offset
     if "meta" in content:
         out = dict(content)
         out["meta"] = meta

@@ -17,7 +17,7 @@ import orjson
 from core.errors import BadRequest
 from core.fhir.validation import fhirpath_of
 
-__all__ = ["check_json_text", "check_text", "control_char"]
+__all__ = ["check_json_text", "check_text", "control_char", "plain_json_text"]
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 # How orjson writes those characters: \u00XX, or \b and \f. A document serialised without any of
@@ -63,6 +63,14 @@ def check_json_text(value: Any, root: str) -> None:
                 check_text(child, fhirpath_of(root, (*path, key)))
             elif isinstance(child, (dict, list)):
                 stack.append((child, (*path, key)))
+
+
+def plain_json_text(raw: str) -> bool:
+    """True when JSON text `raw`, as a client sent it, cannot hold a forbidden control
+    character: JSON writes one only as an escape (a raw one is not JSON, and the parser
+    refuses it), `\\u00XX`, `\\b` or `\\f`. Lets a caller holding the text skip
+    `check_json_text`'s serialisation of what it decodes."""
+    return "\\u00" not in raw and "\\b" not in raw and "\\f" not in raw
 
 
 def _may_hold_control(value: dict[str, Any] | list[Any]) -> bool:

@@ -53,8 +53,28 @@ def parse_query_string(qs: str, *, expression: str = "url") -> list[tuple[str, s
     return pairs
 
 
+# Parsed URLs by their text: the entries of a load share a few (`Patient`, `Observation`), and a
+# RequestUrl is immutable. Only successes are kept (an error names its entry), and only short
+# URLs; the whole map is dropped when full, which a load of distinct URLs reaches rarely.
+_PARSED: dict[str, RequestUrl] = {}
+_PARSED_MAX = 4096
+_PARSED_KEY_MAX = 256
+
+
 def parse_request_url(url: str, *, expression: str = "url") -> RequestUrl:
     """Parse a relative (or absolute, [base]-prefixed) request URL. Raises BadRequest."""
+    found = _PARSED.get(url) if type(url) is str else None
+    if found is not None:
+        return found
+    parsed = _parse_request_url(url, expression)
+    if len(url) <= _PARSED_KEY_MAX:
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[url] = parsed
+    return parsed
+
+
+def _parse_request_url(url: str, expression: str) -> RequestUrl:
     if not isinstance(url, str) or not url.strip():
         raise BadRequest("request.url is required", expression=expression, code="required")
     url = url.strip()

@@ -37,7 +37,7 @@ from sqlalchemy.exc import DBAPIError
 
 from core.auth.permissions import Permissions
 from core.errors import BadRequest, FhirError, TooLarge
-from core.fhir.bundle import upsert_entry, upsert_outcome
+from core.fhir.bundle import Screening, screen_entries, upsert_entry, upsert_outcome
 from core.fhir.engine import execute_batch, execute_transaction
 from core.fhir.model import Context, EntryResult
 from core.fhir.outcome import from_error, internal_error
@@ -201,8 +201,9 @@ def run_transaction_job(conn: Connection, job_id: str, side: Side,
 
     def attempt() -> None:
         entries = [(idx, _decode(idx, raw)) for idx, raw in rows]
+        screening = screen_entries(rows)
         _inject_faults(entries)
-        results = execute_transaction(conn, entries, ctx)
+        results = execute_transaction(conn, entries, ctx, screening)
         write_results(conn, job_id, results, "transaction", job["prefer_return"])
         if count_results(conn, job_id, len(results), len(results), t0) is None:
             raise JobCancelled(job_id)
@@ -308,7 +309,7 @@ def _run_batch(conn: Connection, kind: str, rows: Sequence[Any], ctx: Context
         except FhirError as err:
             results[idx] = EntryResult(idx, err.status, outcome=from_error(err))
     if entries:
-        for r in _execute(conn, entries, ctx):
+        for r in _execute(conn, entries, ctx, screen_entries(rows)):
             results[r.index] = r
     out = [results[idx] for idx, _ in rows]
     if kind == "upsert":
@@ -318,13 +319,14 @@ def _run_batch(conn: Connection, kind: str, rows: Sequence[Any], ctx: Context
     return out
 
 
-def _execute(conn: Connection, entries: list[tuple[int, dict[str, Any]]], ctx: Context
-             ) -> list[EntryResult]:
+def _execute(conn: Connection, entries: list[tuple[int, dict[str, Any]]], ctx: Context,
+             screening: Screening) -> list[EntryResult]:
     """`execute_batch` in a savepoint, retried on deadlock; if it breaks on something else,
     each entry runs alone so that only the culprit gets a 500. A lost database connection is
     no entry's fault: it ends the chunk (one log line, by the task), which runs again."""
     try:
-        return in_savepoint(conn, lambda: _execute_batch(conn, entries, ctx), what="chunk")
+        return in_savepoint(conn, lambda: _execute_batch(conn, entries, ctx, screening),
+                            what="chunk")
     except DBAPIError as exc:
         if exc.connection_invalidated:
             raise
@@ -337,8 +339,8 @@ def _execute(conn: Connection, entries: list[tuple[int, dict[str, Any]]], ctx: C
     failed: list[int] = []
     for index, entry in entries:
         try:
-            out.extend(in_savepoint(conn, partial(_execute_batch, conn, [(index, entry)], ctx),
-                                    what="entry"))
+            alone = partial(_execute_batch, conn, [(index, entry)], ctx, screening)
+            out.extend(in_savepoint(conn, alone, what="entry"))
         except TimeLimitExceeded:
             raise
         except MemoryError:
@@ -358,10 +360,10 @@ def _execute(conn: Connection, entries: list[tuple[int, dict[str, Any]]], ctx: C
     return out
 
 
-def _execute_batch(conn: Connection, entries: list[tuple[int, dict[str, Any]]], ctx: Context
-                   ) -> list[EntryResult]:
+def _execute_batch(conn: Connection, entries: list[tuple[int, dict[str, Any]]], ctx: Context,
+                   screening: Screening) -> list[EntryResult]:
     _inject_faults(entries)
-    return execute_batch(conn, entries, ctx)
+    return execute_batch(conn, entries, ctx, screening)
 
 
 def _inject_faults(entries: list[tuple[int, dict[str, Any]]]) -> None:
