@@ -64,6 +64,12 @@ def test_reference_targets_and_shared_index_names() -> None:
         "Device", "Group", "Location", "Patient")
     assert params_for("Patient")["phonetic"].index_name == "name"
     assert params_for("Patient")["name"].index_name == "name"
+    # `name` stores the parts that `family` and `given` do not, and reads all three.
+    name = params_for("Patient")["name"]
+    assert name.index_names == ("name", "family", "given")
+    assert name.parts == ("text", "prefix", "suffix")
+    assert params_for("Patient")["phonetic"].index_names == name.index_names
+    assert params_for("Patient")["address"].parts == ("line", "district", "text")
     assert params_for("Patient")["_id"].column == "res_id"
 
 

@@ -25,7 +25,10 @@ Index formats (this module owns them):
     (`cap`), identically on both sides, so giant identifiers cannot break the GIN index.
 - `resource_string` rows `(param, value)`: the lower-cased, accent-stripped (NFKD) value, cut
   to 255 characters, one row per distinct pair. A HumanName contributes family, given, text,
-  prefix and suffix; an Address line, city, district, state, postalCode, country and text.
+  prefix and suffix; an Address line, city, district, state, postalCode, country and text;
+  except the parts another parameter of the type indexes already (Patient `name` stores
+  text, prefix and suffix, and is searched over its own, `family` and `given` rows:
+  `SearchParam.parts`, `index_names`).
 - `resource_date` rows `(param, lo, hi)`: the inclusive UTC range (microsecond precision) of
   each value. A value covers its precision: `1974` is 1974-01-01T00:00:00 ..
   1974-12-31T23:59:59.999999; a dateTime to the second covers that second. A Period with no
@@ -49,7 +52,7 @@ from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any
 
-from core.fhir.search_registry import params_for, resource_types, walk
+from core.fhir.search_registry import STRING_PARTS, params_for, resource_types, walk
 
 __all__ = [
     "IndexValues",
@@ -201,11 +204,6 @@ def _uri(name: str, values: list[Any], _: str | None, sink: _Sink) -> None:
 
 # --------------------------------------------------------------------------- strings
 
-# The parts of a complex value a string parameter reads.
-STRING_PARTS = {
-    "HumanName": ("family", "given", "text", "prefix", "suffix"),
-    "Address": ("line", "city", "district", "state", "postalCode", "country", "text"),
-}
 
 
 def _put_string(name: str, value: Any, out: dict[tuple[str, str], None]) -> None:
@@ -401,7 +399,7 @@ _DATE_EMIT: dict[str, Emit] = {"Period": _date_period, "Timing": _date_timing}
 _QUANTITY_EMIT: dict[str, Emit] = {"Money": _money, "Range": _range}
 
 
-def _emitter(kind: str, leaf: str) -> Emit:
+def _emitter(kind: str, leaf: str, parts: tuple[str, ...] = ()) -> Emit:
     if kind == "token":
         return _TOKEN_EMIT.get(leaf, _tok_code)
     if kind == "reference":
@@ -409,6 +407,8 @@ def _emitter(kind: str, leaf: str) -> Emit:
     if kind == "uri":
         return _uri
     if kind == "string":
+        if parts:  # the other parts are stored by the parameters that index them
+            return _parts(parts)
         return _STRING_EMIT.get(leaf, _str_plain)
     if kind == "date":
         return _DATE_EMIT.get(leaf, _date_point)
@@ -435,8 +435,8 @@ def _plan(resource_type: str) -> dict[str, tuple[_Entry, ...]]:
             seen.add((p.index_name, path))
             (key, where), *rest = path.steps
             by_key.setdefault(key, []).append(
-                (p.index_name, where, tuple(rest), path.ref_type, _emitter(p.type, path.leaf),
-                 p.type in _MARKED)
+                (p.index_name, where, tuple(rest), path.ref_type,
+                 _emitter(p.type, path.leaf, p.parts), p.type in _MARKED)
             )
     return {k: tuple(v) for k, v in by_key.items()}
 

@@ -30,6 +30,7 @@ from sqlalchemy import (
 
 from core.fhir.search_controls import SortKey, index_name
 from core.fhir.search_cursor import Position
+from core.fhir.search_registry import params_for
 from core.store import schema
 from core.store.repository import content_of
 from core.store.schema import resource as R
@@ -83,7 +84,7 @@ def _key(resource_type: str, s: SortKey) -> _Key:
         sub = (
             select(agg(S.c.value))
             .where(S.c.res_type == R.c.res_type, S.c.res_id == R.c.res_id,
-                   S.c.param == name)
+                   S.c.param.in_(_stored_under(resource_type, s.param, name)))
             .correlate(R)
             .scalar_subquery()
         )
@@ -102,6 +103,13 @@ def _key(resource_type: str, s: SortKey) -> _Key:
         .scalar_subquery()
     )
     return _Key(sub, s.descending, True, "text")
+
+
+def _stored_under(resource_type: str, param: str, name: str) -> tuple[str, ...]:
+    """Every index name a string parameter's values are under (Patient `name`: its own rows,
+    `family`'s and `given`'s; core.fhir.search_registry)."""
+    p = params_for(resource_type).get(param)
+    return p.index_names if p is not None and p.index_names else (name,)
 
 
 def _range_key(resource_type: str, s: SortKey, name: str) -> _Key:

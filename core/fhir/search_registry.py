@@ -51,6 +51,7 @@ __all__ = [
     "ElementPath",
     "SearchParam",
     "LEAF_TYPES",
+    "STRING_PARTS",
     "params_for",
     "resource_types",
     "supported_params",
@@ -72,6 +73,12 @@ LEAF_TYPES: dict[str, frozenset[str]] = {
     "quantity": frozenset({
         "Quantity", "Age", "Duration", "Distance", "Count", "SimpleQuantity", "Money", "Range",
     }),
+}
+
+# The parts of a complex value a string parameter reads.
+STRING_PARTS: dict[str, tuple[str, ...]] = {
+    "HumanName": ("family", "given", "text", "prefix", "suffix"),
+    "Address": ("line", "city", "district", "state", "postalCode", "country", "text"),
 }
 
 # Parameters that are not element paths: `_id` is the primary key, `_lastUpdated` a column.
@@ -120,6 +127,9 @@ class SearchParam:
     reason: str | None = None
     index_names: tuple[str, ...] = ()
     column: str | None = None  # `_id` → "res_id", `_lastUpdated` → "last_updated"
+    # A HumanName / Address string parameter: the parts stored under its own name (the others
+    # are read from the parameters that index them already); empty: all of STRING_PARTS.
+    parts: tuple[str, ...] = ()
 
     @property
     def index_name(self) -> str:
@@ -129,7 +139,7 @@ class SearchParam:
     @property
     def extracted(self) -> bool:
         """Whether writes store values under this parameter's own name."""
-        return self.supported and self.column is None and self.index_names == (self.name,)
+        return self.supported and self.column is None and self.index_names[0] == self.name
 
 
 class _NotCompiled(Exception):
@@ -317,7 +327,7 @@ def _build() -> dict[str, dict[str, SearchParam]]:
                 if first != code:
                     p = _stored_as(p, (first,))
             params[code] = p
-        out[name] = _share_unions(params)
+        out[name] = _share_parts(_share_unions(params))
     return out
 
 
@@ -341,6 +351,41 @@ def _share_unions(params: dict[str, SearchParam]) -> dict[str, SearchParam]:
             if all(names) and n not in names:
                 out[n] = _stored_as(p, tuple(dict.fromkeys(x for x in names if x)))
     return dict(sorted(out.items()))
+
+
+def _share_parts(params: dict[str, SearchParam]) -> dict[str, SearchParam]:
+    """A HumanName / Address string parameter (Patient `name`, `address`) whose parts other
+    parameters index already (`family` = name.family, `address-city` = address.city) stores
+    only the remaining parts and reads the others' rows too: half the string rows a Patient
+    writes."""
+    single = {
+        p.paths[0]: n for n, p in params.items()
+        if p.type == "string" and p.extracted and len(p.paths) == 1
+    }
+    out = dict(params)
+    for n, p in params.items():
+        if p.type != "string" or not p.extracted or len(p.paths) != 1:
+            continue
+        (path,) = p.paths
+        parts = STRING_PARTS.get(path.leaf)
+        if parts is None:
+            continue
+        covered = {
+            part: single[q] for part in parts
+            if (q := ElementPath((*path.steps, (part, None)), "string", path.ref_type)) in single
+        }
+        if covered:
+            out[n] = SearchParam(
+                p.name, p.type, p.expression, p.paths, p.targets, reason=p.reason,
+                index_names=(n, *dict.fromkeys(covered.values())),
+                parts=tuple(x for x in parts if x not in covered),
+            )
+    # Parameters sharing another's rows (`phonetic` → `name`) read everything it reads.
+    for n, p in params.items():
+        first = p.index_names[0] if p.index_names else n
+        if first != n and first in out and len(out[first].index_names) > 1:
+            out[n] = _stored_as(p, out[first].index_names)
+    return out
 
 
 @cache
