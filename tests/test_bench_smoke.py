@@ -227,3 +227,18 @@ def test_w7_store_is_multiplied_consistently(w7_results: dict) -> None:
             assert cur.fetchone()[0] == 6000
     finally:
         conn.close()
+
+
+def test_sync_profile_accounts_a_transaction_request() -> None:
+    """`python -m bench.sync_profile`: W5's transactions through the app in one process, with
+    the CPU of the API and of the database backends per request."""
+    cmd = [sys.executable, "-m", "bench.sync_profile", "--requests", "20",
+           "--database", f"fhirq_sync_smoke_{os.getpid()}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "20 transactions of 10 entries" in out
+    figures = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
+    assert {"wall", "API", "PG", "SQL", "collector"} <= figures.keys()
+    api_ms = float(figures["API"].split()[2])
+    assert api_ms > 0.1  # a 10-entry transaction costs the API real work
