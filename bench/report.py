@@ -309,6 +309,7 @@ PEER_RESOURCES_PER_S = 2_300
 W3_TARGET = 5_000
 W5_P99_MS = 50.0
 W7_OVER_EMPTY = 0.8
+W7_STORE = 10_000_000
 W1_OVER_COPY = 0.8
 RSS_OVER_BODY = 2.0
 UPLOAD_MB = 200
@@ -396,8 +397,11 @@ def _w7(series: list[Series]) -> Target:
             return _not_run(name, goal, "W7 ran without an empty-store rate")
         over = loaded.median / empty.median
     base = f"empty store {_n(empty.median)} {empty.unit}" if empty is not None else "empty store"
-    return Target(name, goal, f"{over:.2f}× ({_n(loaded.median)} {loaded.unit}, {loaded.label})",
-                  base, over >= W7_OVER_EMPTY)
+    store = loaded.extra("store_resources")
+    short = store is not None and store < W7_STORE * 0.95
+    size = f" (a store of {store:,.0f}: not the target's size)" if short else ""
+    return Target(name, goal, f"{over:.2f}× ({_n(loaded.median)} {loaded.unit}){size}",
+                  base, over >= W7_OVER_EMPTY and not short)
 
 
 def _memory(series: list[Series]) -> Target:

@@ -122,9 +122,13 @@ def _series(workload: str, label: str, rate: float, **extra: float) -> Series:
 
 
 def test_w7_target_reads_the_ratio_over_the_empty_store() -> None:
-    loaded = _series("W7", "10,000,000 resources in the store", 4_000, over_empty=0.85)
+    loaded = _series("W7", "10,000,000 resources in the store", 4_000, over_empty=0.85,
+                     store_resources=10_000_000)
     (w7,) = [t for t in targets([loaded]) if t.name.startswith("W7")]
     assert w7.met is True and w7.measured.startswith("0.85×")
+    small = _series("W7", "store of 20,000", 4_000, over_empty=0.95, store_resources=20_000)
+    (w7,) = [t for t in targets([small]) if t.name.startswith("W7")]
+    assert w7.met is False and "not the target's size" in w7.measured
     empty = _series("W7", "empty store", 5_000)
     slow = _series("W7", "10,000,000 resources in the store", 3_000)
     (w7,) = [t for t in targets([empty, slow]) if t.name.startswith("W7")]
