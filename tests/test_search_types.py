@@ -145,6 +145,11 @@ def test_reference(store: dict[str, Any]) -> None:
     assert found(store, "Observation", [("subject:Patient", pid)]) == mine
     assert found(store, "Observation", [("patient", pid)]) == mine
     assert found(store, "Observation", [("subject", f"{BASE}/Patient/{pid}")]) == mine
+    # Another server's URL is not a reference to ours (only an absolute one stored as such).
+    with store["engine"].connect() as c:
+        other = search(c, "Observation", [("subject", f"http://elsewhere.org/fhir/Patient/{pid}")],
+                       base_url=BASE)
+    assert "entry" not in other
     assert found(store, "Observation", [("subject:Group", pid)]) == set()
     enc = store["by_type"]["Encounter"][0]["id"]
     assert found(store, "Observation", [("encounter", f"Encounter/{enc}")]) == where(

@@ -124,10 +124,12 @@ def index_name(resource_type: str, param: str) -> str:
 
 
 def split_search(
-    resource_type: str, params: list[tuple[str, str]], *, strict: bool
+    resource_type: str, params: list[tuple[str, str]], *, strict: bool,
+    base_url: str | None = None,
 ) -> SearchRequest:
     """Parse a search on `resource_type`; bad result parameters are a `BadRequest` naming
-    them, in either mode (they are not criteria a lenient search could drop)."""
+    them, in either mode (they are not criteria a lenient search could drop). `base_url`:
+    this server's, so that a reference given as one of its URLs is a local one."""
     controls = Controls()
     joins: list[Join] = []
     filters: list[tuple[str, str]] = []
@@ -155,7 +157,7 @@ def split_search(
             links.append((raw_name, value))
             continue
         filters.append((raw_name, value))
-    query = parse_query(resource_type, filters, strict=strict)
+    query = parse_query(resource_type, filters, strict=strict, base_url=base_url)
     links[:0] = query.applied
     return SearchRequest(query, controls, joins, links)
 

@@ -49,8 +49,9 @@ def _prepare(
     conditions: Criteria,
     fenced: Fenced,
     permissions: Permissions,
+    base_url: str | None = None,
 ) -> tuple[SearchRequest, list[ColumnElement[bool]], bool, Order]:
-    req = split_search(resource_type, params, strict=strict)
+    req = split_search(resource_type, params, strict=strict, base_url=base_url)
     for j in req.joins:
         if not permissions.allows(j.target, "s"):
             raise Forbidden(
@@ -77,7 +78,7 @@ def searchset(
     permissions: Permissions = UNRESTRICTED,
 ) -> dict[str, Any]:
     req, conds, is_fenced, order = _prepare(resource_type, params, strict, conditions, fenced,
-                                            permissions)
+                                            permissions, base_url)
     c = req.controls
     count = 0 if c.summary == "count" else min(
         default_count if c.count is None else c.count, max_count
