@@ -893,6 +893,9 @@ INDEXED_QUERIES = [
     # The result side: sort keys, keyset pages and includes.
     ("_sort by criteria", "Observation", [("subject", "Patient/p77"), ("_sort", "-date,code")]),
     ("_sort, no criteria", "Patient", [("_sort", "-_lastUpdated"), ("_total", "none")]),
+    ("_sort by a date, no criteria", "Observation", [("_sort", "-date"), ("_total", "none")]),
+    ("_sort by a quantity, no criteria", "Observation",
+     [("_sort", "value-quantity"), ("_total", "none")]),
     ("_include", "Observation", [("patient", "p77"), ("_include", "Observation:subject")]),
     ("_revinclude", "Patient", [("_id", "p77,p78"), ("_revinclude", "Observation:subject")]),
     ("_include:iterate", "Observation", [("code", "c3"), ("_count", "10"),
@@ -945,6 +948,15 @@ def test_queries_are_index_backed(big_store: Connection) -> None:
     # A sort without criteria walks the sort key's index instead of sorting the type.
     plan = explain(big_store, "Patient", [("_sort", "-_lastUpdated"), ("_total", "none")])
     assert "ix_resource_type_updated" in plan, short(plan)
+    plan = explain(big_store, "Observation", [("_sort", "-date"), ("_total", "none")])
+    assert "Index Only Scan Backward using ix_date_hi" in plan, short(plan)
+    youngest = search(big_store, "Patient", [("_sort", "-birthdate"), ("_count", "3")],
+                      base_url=BASE)
+    assert len(youngest["entry"]) == 3 and youngest["total"] == N_PATIENTS
+    starts = big_store.execute(text(
+        "SELECT res_id FROM resource_date WHERE res_type = 'Patient' AND param = 'birthdate'"
+        " ORDER BY hi DESC, res_id LIMIT 3")).scalars().all()
+    assert [e["resource"]["id"] for e in youngest["entry"]] == starts
     # And they answer something sensible on that data.
     hit = search(big_store, "Patient", [("identifier", "http://hospital/mrn|4242")], base_url=BASE)
     assert ids(hit) == {"p4242"}

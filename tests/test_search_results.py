@@ -184,6 +184,41 @@ def test_sort(clinic: Connection, sort: str, expected: list[str]) -> None:
     assert ("_sort", sort) in (link(bundle, "self") or [])
 
 
+@pytest.mark.parametrize("sort", ["birthdate", "-birthdate", "-birthdate,family",
+                                  "birthdate,-_id"])
+@pytest.mark.parametrize("count", ["1", "2", "4"])
+def test_pages_sorted_by_a_date_walk_its_index_and_then_the_missing(
+    clinic: Connection, sort: str, count: str
+) -> None:
+    """Without criteria a leading date key pages along its index; the resources without a
+    value (p6) follow once the values run out, across page boundaries either way."""
+    whole = matches(run(clinic, "Patient", [("_sort", sort), ("_count", "50")]))
+    assert len(whole) == 6 and whole[-1] == "p6"
+    pages = all_pages(clinic, "Patient", [("_sort", sort), ("_count", count)])
+    assert [rid for page in pages for rid in page] == whole
+    # With criteria (the other path) the order is the same.
+    fenced = run(clinic, "Patient", [("_sort", sort), ("organization", "Organization/org1")])
+    assert matches(fenced) == whole
+
+
+def test_sort_by_quantity(clinic: Connection) -> None:
+    for oid, value, unit in (("q1", 70.5, "kg"), ("q2", 3, "kg"), ("q3", 12.25, "kg")):
+        insert(clinic, {**observation(oid, "Patient/p5", "29463-7", "2020-01-01T00:00:00Z"),
+                        "valueQuantity": {"value": value, "unit": unit,
+                                          "system": "http://unitsofmeasure.org", "code": unit}})
+    ids = ["q2", "q3", "q1"]
+    for params in ([("subject", "Patient/p5")], [("_id", "q1,q2,q3")]):
+        up = run(clinic, "Observation", [*params, ("_sort", "value-quantity")])
+        assert matches(up) == ids
+        down = run(clinic, "Observation", [*params, ("_sort", "-value-quantity")])
+        assert matches(down) == ids[::-1]
+    everything = matches(run(clinic, "Observation", [("_sort", "value-quantity")]))
+    assert everything == ["o1", "o2", "o3", "o4", *ids]  # o1..o4 weigh 1.0
+    pages = all_pages(clinic, "Observation", [("_sort", "-value-quantity"), ("_count", "2")])
+    assert [rid for page in pages for rid in page] == matches(
+        run(clinic, "Observation", [("_sort", "-value-quantity")]))
+
+
 def test_sort_with_criteria_and_observation_dates(clinic: Connection) -> None:
     bundle = run(clinic, "Observation", [("code", "29463-7,8302-2"), ("_sort", "-date")])
     assert matches(bundle) == ["o4", "o2", "o3", "o1"]

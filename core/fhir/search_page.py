@@ -36,7 +36,14 @@ from core.store.repository import content_of
 from core.store.schema import resource as R
 from core.store.schema import resource_string as S
 
-__all__ = ["Order", "order_of", "page_statement"]
+__all__ = [
+    "Order",
+    "SLACK",
+    "index_driven",
+    "index_walk_statement",
+    "order_of",
+    "page_statement",
+]
 
 # The content lives in the history row of the current version (core.store.repository).
 _CONTENT = (R.c.res_id, R.c.version, R.c.last_updated, content_of(R).label("content"))
@@ -48,6 +55,9 @@ class _Key:
     descending: bool
     nullable: bool
     kind: str  # ts | text | number: how a cursor carries its value
+    # A date / number / quantity key: the index table and parameter name its values are in.
+    table: Any = None
+    param: str | None = None
 
 
 @dataclass(slots=True)
@@ -124,7 +134,7 @@ def _range_key(resource_type: str, s: SortKey, name: str) -> _Key:
         .correlate(R)
         .scalar_subquery()
     )
-    return _Key(sub, s.descending, True, kind)
+    return _Key(sub, s.descending, True, kind, table, name)
 
 
 def _ordering(keys: list[ColumnElement[Any]], order: Order, res_id: ColumnElement[Any]) -> list:
@@ -228,3 +238,76 @@ def page_statement(
         return select(literal(None).label("total"), *cols).order_by(rows.c.pos)
     t = select(func.count().label("total")).select_from(m).subquery("t")
     return select(t.c.total, *cols).select_from(t.outerjoin(rows, true())).order_by(rows.c.pos)
+
+
+# --------------------------------------------------------------------------- index-driven sort
+#
+# Without criteria, a leading date / number / quantity key would otherwise cost a subquery per
+# resource of the type and a sort of them all. Its range btree (`(res_type, param, lo)`, or
+# `hi` descending) is in key order already: the page walks it, keeping of each resource the
+# row that carries its key (its least start, or greatest end), and stops at the page's end.
+# Resources without a value come last; they are read only once the values run out.
+
+# Extra rows asked of the index walk: a resource with two rows at its key (a quantity stored
+# by code and by unit) comes back twice and is counted once.
+SLACK = 8
+
+
+def index_driven(order: Order, fenced: bool, offset: int) -> bool:
+    return not fenced and not offset and bool(order.keys) and order.keys[0].table is not None
+
+
+def index_walk_statement(
+    resource_type: str,
+    conds: list[ColumnElement[bool]],
+    order: Order,
+    after: Position | None,
+    limit: int,
+    *,
+    missing: bool = False,
+) -> Select[Any]:
+    """The page's resources that have a value for the first key, walking its index; with
+    `missing`, those without one, in the order of the other keys."""
+    first = order.keys[0]
+    t = first.table
+    if missing:
+        walk = Order(order.keys[1:], order.id_descending, order.spec)
+        exprs: list[ColumnElement[Any]] = [k.expr for k in walk.keys]
+        has_value = (
+            select(t.c.res_id)
+            .where(t.c.res_type == R.c.res_type, t.c.res_id == R.c.res_id,
+                   t.c.param == first.param)
+            .exists()
+        )
+        where = [*conds, ~has_value]
+        if after is not None:
+            where.append(_after(exprs, walk, R.c.res_id, Position(after.keys[1:], after.res_id)))
+        labels = [literal(None).label("k0"), *(e.label(f"k{i + 1}") for i, e in enumerate(exprs))]
+        source: Any = R
+    else:
+        d, other = t.alias("d"), t.alias("d2")
+        col = d.c.hi if first.descending else d.c.lo
+        best = func.max(other.c.hi) if first.descending else func.min(other.c.lo)
+        carried = (
+            select(best)
+            .where(other.c.res_type == d.c.res_type, other.c.res_id == d.c.res_id,
+                   other.c.param == first.param)
+            .scalar_subquery()
+        )
+        # Within this walk the first key is never missing: a plain key, index-range bounded.
+        walk = Order([_Key(col, first.descending, False, first.kind), *order.keys[1:]],
+                     order.id_descending, order.spec)
+        exprs = [col, *(k.expr for k in order.keys[1:])]
+        where = [d.c.res_type == resource_type, d.c.param == first.param, col == carried,
+                 *conds]
+        if after is not None:
+            where.append(_after(exprs, walk, R.c.res_id, after))
+        labels = [e.label(f"k{i}") for i, e in enumerate(exprs)]
+        source = d.join(R, and_(R.c.res_type == d.c.res_type, R.c.res_id == d.c.res_id))
+    return (
+        select(literal(None).label("total"), *_CONTENT, *labels)
+        .select_from(source)
+        .where(*where)
+        .order_by(*_ordering(exprs, walk, R.c.res_id))
+        .limit(limit)
+    )

@@ -4,7 +4,9 @@
 subsets (core.fhir.search_shape).
 
 Statements per page: one for the page and its total (two when the search has no criteria:
-the primary key or sort index serves the page, a count the total), one for all includes.
+the primary key or sort key's index serves the page, a count the total; and a third for the
+last pages of a sort by a date / number / quantity that some resources lack), one for all
+includes.
 
 Scopes: a chain or `_has` searches its other type, so it needs `s` there (403 otherwise,
 before anything runs); included resources are limited to the types the caller may read (`r`),
@@ -24,10 +26,17 @@ from core.errors import Forbidden
 from core.fhir.outcome import issue, outcome
 from core.fhir.resources import row_to_resource
 from core.fhir.search_controls import SearchRequest, split_search
-from core.fhir.search_cursor import decode_cursor, encode_cursor
+from core.fhir.search_cursor import Position, decode_cursor, encode_cursor
 from core.fhir.search_include import fetch_included, include_statement
 from core.fhir.search_join import join_condition
-from core.fhir.search_page import Order, order_of, page_statement
+from core.fhir.search_page import (
+    SLACK,
+    Order,
+    index_driven,
+    index_walk_statement,
+    order_of,
+    page_statement,
+)
 from core.fhir.search_params import Query
 from core.fhir.search_shape import subset
 from core.store.schema import resource as R
@@ -87,7 +96,11 @@ def searchset(
     want_total = c.total != "none"
     total: int | None = None
     rows: list[Any] = []
+    has_next = False
     if count == 0:
+        total = _count(conn, conds) if want_total else None
+    elif index_driven(order, is_fenced, c.offset):
+        rows, has_next = _index_driven_page(conn, resource_type, conds, order, after, count)
         total = _count(conn, conds) if want_total else None
     else:
         fetched = conn.execute(page_statement(
@@ -100,7 +113,7 @@ def searchset(
         else:
             rows = fetched
             total = _count(conn, conds) if want_total else None
-    has_next = len(rows) > count
+    has_next = has_next or len(rows) > count
     del rows[count:]
 
     base = base_url.rstrip("/")
@@ -153,6 +166,36 @@ def searchset(
     if entries:
         bundle["entry"] = entries
     return bundle
+
+
+def _index_driven_page(
+    conn: Connection,
+    resource_type: str,
+    conds: list[ColumnElement[bool]],
+    order: Order,
+    after: Position | None,
+    count: int,
+) -> tuple[list[Any], bool]:
+    """Up to `count + 1` rows walking the first key's index, then (once its values run out)
+    the resources without one; and whether more may follow beyond what came back."""
+    rows: list[Any] = []
+    if after is None or after.keys[0] is not None:
+        asked = count + 1 + SLACK
+        raw = conn.execute(index_walk_statement(resource_type, conds, order, after,
+                                                asked)).all()
+        seen: set[str] = set()
+        for r in raw:
+            if r[1] not in seen:
+                seen.add(r[1])
+                rows.append(r)
+        if len(raw) == asked:  # not run out: the next page goes on from here
+            return rows[: count + 1], len(rows) <= count
+    missing_after = after if after is not None and after.keys[0] is None else None
+    if len(rows) <= count:
+        rows += conn.execute(index_walk_statement(
+            resource_type, conds, order, missing_after, count + 1 - len(rows), missing=True
+        )).all()
+    return rows, False
 
 
 def _count(conn: Connection, conds: list[ColumnElement[bool]]) -> int:
@@ -213,8 +256,10 @@ def explain_search(
                                             UNRESTRICTED)
     c = req.controls
     want_total = c.total != "none"
-    page = page_statement(resource_type, conds, fenced=is_fenced, order=order, after=None,
-                          limit=51, offset=c.offset, with_total=want_total)
+    page: Any = page_statement(resource_type, conds, fenced=is_fenced, order=order, after=None,
+                               limit=51, offset=c.offset, with_total=want_total)
+    if index_driven(order, is_fenced, c.offset):
+        page = index_walk_statement(resource_type, conds, order, None, 51 + SLACK)
     stmts: list[Any] = [page]
     if want_total:
         stmts.append(select(func.count()).select_from(R).where(*conds))
