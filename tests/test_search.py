@@ -896,6 +896,7 @@ INDEXED_QUERIES = [
     ("_sort by a date, no criteria", "Observation", [("_sort", "-date"), ("_total", "none")]),
     ("_sort by a quantity, no criteria", "Observation",
      [("_sort", "value-quantity"), ("_total", "none")]),
+    ("_sort by a string, no criteria", "Patient", [("_sort", "-family"), ("_total", "none")]),
     ("_include", "Observation", [("patient", "p77"), ("_include", "Observation:subject")]),
     ("_revinclude", "Patient", [("_id", "p77,p78"), ("_revinclude", "Observation:subject")]),
     ("_include:iterate", "Observation", [("code", "c3"), ("_count", "10"),

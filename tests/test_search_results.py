@@ -185,13 +185,13 @@ def test_sort(clinic: Connection, sort: str, expected: list[str]) -> None:
 
 
 @pytest.mark.parametrize("sort", ["birthdate", "-birthdate", "-birthdate,family",
-                                  "birthdate,-_id"])
+                                  "birthdate,-_id", "family", "-family,gender", "-name"])
 @pytest.mark.parametrize("count", ["1", "2", "4"])
 def test_pages_sorted_by_a_date_walk_its_index_and_then_the_missing(
     clinic: Connection, sort: str, count: str
 ) -> None:
-    """Without criteria a leading date key pages along its index; the resources without a
-    value (p6) follow once the values run out, across page boundaries either way."""
+    """Without criteria a leading date or string key pages along its index; the resources
+    without a value (p6) follow once the values run out, across page boundaries either way."""
     whole = matches(run(clinic, "Patient", [("_sort", sort), ("_count", "50")]))
     assert len(whole) == 6 and whole[-1] == "p6"
     pages = all_pages(clinic, "Patient", [("_sort", sort), ("_count", count)])

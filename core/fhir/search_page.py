@@ -55,9 +55,12 @@ class _Key:
     descending: bool
     nullable: bool
     kind: str  # ts | text | number: how a cursor carries its value
-    # A date / number / quantity key: the index table and parameter name its values are in.
+    # A key kept in an index table (date / number / quantity ranges, strings): the table, the
+    # parameter name its values are under, and the columns an ascending / descending key
+    # takes (`lo` / `hi`; `value` both ways for strings).
     table: Any = None
     param: str | None = None
+    columns: tuple[str, str] = ("lo", "hi")
 
 
 @dataclass(slots=True)
@@ -91,14 +94,17 @@ def _key(resource_type: str, s: SortKey) -> _Key:
     if s.kind in ("date", "number", "quantity"):
         return _range_key(resource_type, s, name)
     if s.kind == "string":
+        names = _stored_under(resource_type, s.param, name)
         sub = (
             select(agg(S.c.value))
             .where(S.c.res_type == R.c.res_type, S.c.res_id == R.c.res_id,
-                   S.c.param.in_(_stored_under(resource_type, s.param, name)))
+                   S.c.param.in_(names))
             .correlate(R)
             .scalar_subquery()
         )
-        return _Key(sub, s.descending, True, "text")
+        if len(names) > 1:  # values under several names: no one index range is in order
+            return _Key(sub, s.descending, True, "text")
+        return _Key(sub, s.descending, True, "text", S, names[0], ("value", "value"))
     # token / reference / uri: the value part of the parameter's tokens, `*|code`, `Type/id`
     # or the uri (the bare presence marker `name:` is no value).
     prefix = f"{name}:*|" if s.kind == "token" else f"{name}:"
@@ -242,10 +248,11 @@ def page_statement(
 
 # --------------------------------------------------------------------------- index-driven sort
 #
-# Without criteria, a leading date / number / quantity key would otherwise cost a subquery per
-# resource of the type and a sort of them all. Its range btree (`(res_type, param, lo)`, or
-# `hi` descending) is in key order already: the page walks it, keeping of each resource the
-# row that carries its key (its least start, or greatest end), and stops at the page's end.
+# Without criteria, a leading date / number / quantity / string key would otherwise cost a
+# subquery per resource of the type and a sort of them all. Its btree (`(res_type, param, lo)`,
+# `hi` descending, `value` for strings) is in key order already: the page walks it, keeping of
+# each resource the row that carries its key (its least start or value, or greatest end or
+# value), and stops at the page's end.
 # Resources without a value come last; they are read only once the values run out.
 
 # Extra rows asked of the index walk: a resource with two rows at its key (a quantity stored
@@ -286,8 +293,9 @@ def index_walk_statement(
         source: Any = R
     else:
         d, other = t.alias("d"), t.alias("d2")
-        col = d.c.hi if first.descending else d.c.lo
-        best = func.max(other.c.hi) if first.descending else func.min(other.c.lo)
+        lo, hi = first.columns
+        col = d.c[hi] if first.descending else d.c[lo]
+        best = func.max(other.c[hi]) if first.descending else func.min(other.c[lo])
         carried = (
             select(best)
             .where(other.c.res_type == d.c.res_type, other.c.res_id == d.c.res_id,
