@@ -30,6 +30,7 @@ from core.jobs import (
 )
 from core.jobs.views import ENTRY_FILTERS
 from core.store.db import get_engine
+from core.store.retry import in_transaction
 
 __all__ = ["register", "status_bp", "jobs_bp"]
 
@@ -60,8 +61,10 @@ def _jobs_url() -> str:
 
 
 def _load(job_id: str) -> dict[str, Any]:
-    with get_engine().connect() as conn:
-        job = get_job(conn, job_id, _owner())
+    # Polls are read-only: a pooled connection that a database restart ended is replaced
+    # and the read runs again, instead of a 503 to every client polling at that moment.
+    owner = _owner()
+    job = in_transaction(get_engine(), lambda conn: get_job(conn, job_id, owner), what="job read")
     if job is None:
         raise NotFound(f"No job '{job_id}'")
     return job
@@ -150,8 +153,9 @@ def index() -> Response:
         raise BadRequest(f"state must be one of {', '.join(STATES)}", code="value")
     count = _int_arg("_count", 50, 1, MAX_COUNT)
     offset = _int_arg("_offset", 0, 0, 10**9)
-    with get_engine().connect() as conn:
-        jobs = list_jobs(conn, _owner(), state=state, count=count, offset=offset)
+    owner = _owner()
+    jobs = in_transaction(get_engine(), lambda conn: list_jobs(
+        conn, owner, state=state, count=count, offset=offset), what="job list")
     url = _jobs_url()
     body: dict[str, Any] = {"jobs": [job_json(j, jobs_url=url) for j in jobs], "next": None}
     if len(jobs) == count:
@@ -174,8 +178,8 @@ def entries(job_id: str) -> Response:
     count = _int_arg("_count", 100, 1, MAX_COUNT)
     after = _int_arg("_after", -1, -1, 2**31 - 1)
     job_id = _kept(_load(job_id))
-    with get_engine().connect() as conn:
-        page = list_entries(conn, job_id, outcome=outcome, count=count, after=after)
+    page = in_transaction(get_engine(), lambda conn: list_entries(
+        conn, job_id, outcome=outcome, count=count, after=after), what="job entries read")
     body: dict[str, Any] = {"job": job_id, "entries": page, "next": None}
     if len(page) == count:
         query = f"_count={count}&_after={page[-1]['index']}"
