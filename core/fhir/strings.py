@@ -70,6 +70,8 @@ def plain_json_text(raw: str) -> bool:
     character: JSON writes one only as an escape (a raw one is not JSON, and the parser
     refuses it), `\\u00XX`, `\\b` or `\\f`. Lets a caller holding the text skip
     `check_json_text`'s serialisation of what it decodes."""
+    if "\\" not in raw:  # one character: a memchr, a hundred times faster than the three
+        return True
     return "\\u00" not in raw and "\\b" not in raw and "\\f" not in raw
 
 
@@ -78,4 +80,4 @@ def _may_hold_control(value: dict[str, Any] | list[Any]) -> bool:
         raw = orjson.dumps(value)
     except TypeError:  # e.g. an integer beyond 64 bits from a database JSON parser: walk it
         return True
-    return any(escape in raw for escape in _ESCAPES)
+    return b"\\" in raw and any(escape in raw for escape in _ESCAPES)
