@@ -9,10 +9,10 @@ Parameters (FHIR R4 search.html):
 
 - `_count` (0 .. max, capped at the server's maximum), `_offset` (kept for compatibility) and
   `_cursor` (the opaque keyset position the `next` link carries, `core.fhir.search_cursor`).
-- `_total=accurate|estimate|none` (estimate is answered accurately), `_summary=count|true|text|
-  data|false`, `_elements=a,b` (core.fhir.search_shape).
-- `_sort=a,-b`: `_id`, `_lastUpdated` and the type's string, token, reference and date
-  parameters; the resource id breaks ties.
+- `_total=accurate|estimate|none` (an estimate is the planner's, for searches without
+  criteria), `_summary=count|true|text|data|false`, `_elements=a,b` (core.fhir.search_shape).
+- `_sort=a,-b`: `_id`, `_lastUpdated` and the type's string, token, reference, uri, date,
+  number and quantity parameters; the resource id breaks ties.
 - `_include` / `_revinclude` `=Type:param[:Target]` or `Type:*`, `:iterate`
   (one level: the included resources' own includes, no further).
 - Chains `ref:Type.param=v` / `ref.param=v` (one level) and `_has:Type:ref:param=v` (one
