@@ -79,16 +79,18 @@ def try_lock(conn: Connection, chunk_id: int) -> bool:
                         {"k": LOCK_CLASS, "id": chunk_id}).scalar_one()
 
 
+# The cursor is a scalar subquery, so that the scan of job_entry starts at it (an index
+# condition) instead of walking every finished entry before it; no active job: NULL, no rows.
 _CLAIM = """
 WITH j AS (
     SELECT claimed_upto FROM job WHERE id = :job AND state IN ('accepted', 'running')
     FOR UPDATE
 ), r AS (
     SELECT min(e.idx) AS lo, max(e.idx) AS hi FROM (
-        SELECT e.idx FROM job_entry e, j
-        WHERE e.job_id = :job AND e.idx >= j.claimed_upto
+        SELECT e.idx FROM job_entry e
+        WHERE e.job_id = :job AND e.idx >= (SELECT claimed_upto FROM j)
           AND NOT EXISTS (SELECT 1 FROM job_result r WHERE r.job_id = :job AND r.idx = e.idx
-                          AND r.idx >= j.claimed_upto)
+                          AND r.idx >= (SELECT claimed_upto FROM j))
         ORDER BY e.idx LIMIT :n
     ) e
 ), u AS (
