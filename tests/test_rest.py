@@ -69,10 +69,22 @@ def test_search_and_metadata(client: Any) -> None:
     assert r.status_code == 200
     assert r.json["total"] == 3 and len(r.json["entry"]) == 2
     assert any(link["relation"] == "next" for link in r.json["link"])
+    # The next link, followed as given (a keyset cursor in its query), ends the search.
+    seen = [e["resource"]["id"] for e in r.json["entry"]]
+    nxt = next(link["url"] for link in r.json["link"] if link["relation"] == "next")
+    r = send(client, "GET", nxt.replace("http://localhost", ""))
+    assert r.status_code == 200, r.json
+    seen += [e["resource"]["id"] for e in r.json["entry"]]
+    assert sorted(seen) == ["s0", "s1", "s2"]
+    assert not any(link["relation"] == "next" for link in r.json["link"])
+    bad = send(client, "GET", "/fhir/Patient?_cursor=not-one")
+    assert bad.status_code == 400 and "_cursor" in bad.json["issue"][0]["diagnostics"]
     cap = send(client, "GET", "/fhir/metadata").json
     assert cap["resourceType"] == "CapabilityStatement" and cap["fhirVersion"] == "4.0.1"
     patient_caps = next(x for x in cap["rest"][0]["resource"] if x["type"] == "Patient")
     assert {"identifier", "birthdate", "name"} <= {p["name"] for p in patient_caps["searchParam"]}
+    assert "Patient:organization" in patient_caps["searchInclude"]
+    assert "Observation:subject" in patient_caps["searchRevInclude"]
 
 
 @pytest.mark.parametrize(
