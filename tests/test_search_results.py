@@ -536,7 +536,13 @@ def test_a_deep_cursor_page_costs_what_the_first_page_costs(conn: Connection) ->
         INSERT INTO resource (res_type, res_id, version, last_updated, content_hash, tokens)
         SELECT res_type, res_id, version, last_updated, md5(content::text)::uuid, '{{}}'
         FROM h"""))
+    conn.execute(text(f"""
+        INSERT INTO resource_date (res_type, res_id, param, lo, hi)
+        SELECT 'Observation', 'o' || i, 'date', d, d FROM generate_series(1, {N_DEEP}) i,
+        LATERAL (SELECT timestamptz '2000-01-01' + (i::bigint * 104729 % 700000)
+                        * interval '7 minutes' AS d) x"""))
     conn.execute(text("ANALYZE resource"))
+    conn.execute(text("ANALYZE resource_date"))
     base = [("_sort", "_lastUpdated"), ("_total", "none"), ("_count", "50")]
     bundle = run(conn, "Observation", [*base, ("_offset", str(N_DEEP - 100))])
     deep_ids = matches(bundle)
@@ -555,6 +561,11 @@ def test_a_deep_cursor_page_costs_what_the_first_page_costs(conn: Connection) ->
     first_ms, _ = timed(base)
     assert by_cursor == by_offset == [f"o{i}" for i in range(N_DEEP - 49, N_DEEP + 1)]
     assert deep_ids[-1] == f"o{N_DEEP - 50}"
+    latest_ms, latest = timed([("_sort", "-date"), ("_total", "none"), ("_count", "10")])
+    expected = conn.execute(text(
+        "SELECT res_id FROM resource_date ORDER BY hi DESC, res_id LIMIT 10")).scalars().all()
+    assert latest == expected
     print(f"page at row {N_DEEP - 50} of {N_DEEP}: _offset {by_offset_ms:.1f} ms, "
-          f"_cursor {by_cursor_ms:.1f} ms, first page {first_ms:.1f} ms")
+          f"_cursor {by_cursor_ms:.1f} ms, first page {first_ms:.1f} ms; "
+          f"_sort=-date&_count=10 over {N_DEEP}: {latest_ms:.1f} ms")
     assert by_cursor_ms * 3 < by_offset_ms
