@@ -93,6 +93,52 @@ def searchset(
         default_count if c.count is None else c.count, max_count
     )
     after = decode_cursor(c.cursor, order.spec, order.kinds) if c.cursor else None
+    total, rows, has_next = _page(conn, resource_type, req, conds, is_fenced, order, after,
+                                  count)
+    base = base_url.rstrip("/")
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
+    if total is not None:
+        bundle["total"] = total
+    bundle["link"] = _links(base, resource_type, req, count, order, rows, has_next, after)
+    entries: list[dict[str, Any]] = [
+        {
+            "fullUrl": f"{base}/{resource_type}/{r[1]}",
+            "resource": subset(row_to_resource(r[4], r[2], r[3]), elements=c.elements,
+                               summary=c.summary),
+            "search": {"mode": "match"},
+        }
+        for r in rows
+    ]
+    issues: list[dict[str, Any]] = []
+    if c.includes and rows:
+        entries += _included(conn, resource_type, req, [r[1] for r in rows], base, permissions,
+                             issues)
+    if req.query.ignored:
+        names = ", ".join(name for name, _ in req.query.ignored)
+        issues.append(issue(
+            "warning", "not-supported",
+            f"Search parameters not supported for {resource_type} were ignored: {names}",
+            [name for name, _ in req.query.ignored],
+        ))
+    if issues:
+        entries.append({"resource": outcome(*issues), "search": {"mode": "outcome"}})
+    if entries:
+        bundle["entry"] = entries
+    return bundle
+
+
+def _page(
+    conn: Connection,
+    resource_type: str,
+    req: SearchRequest,
+    conds: list[ColumnElement[bool]],
+    is_fenced: bool,
+    order: Order,
+    after: Position | None,
+    count: int,
+) -> tuple[int | None, list[Any], bool]:
+    """(total, up to `count` rows, whether a next page follows)."""
+    c = req.controls
     want_total = c.total != "none"
     # An estimate only where counting means reading the whole type: with criteria the
     # planner's guess is poor (GIN) and the count is cheap.
@@ -117,58 +163,42 @@ def searchset(
             rows = fetched
             total = _count(conn, conds, mode) if want_total else None
     has_next = has_next or len(rows) > count
-    del rows[count:]
+    return total, rows[:count], has_next
 
-    base = base_url.rstrip("/")
-    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
-    if total is not None:
-        bundle["total"] = total
-    bundle["link"] = _links(base, resource_type, req, count, order, rows, has_next, after)
-    entries: list[dict[str, Any]] = [
-        {
-            "fullUrl": f"{base}/{resource_type}/{r[1]}",
-            "resource": subset(row_to_resource(r[4], r[2], r[3]), elements=c.elements,
-                               summary=c.summary),
-            "search": {"mode": "match"},
-        }
-        for r in rows
-    ]
-    issues = []
-    if c.includes and rows:
-        readable = _readable(permissions)
-        included = fetch_included(conn, resource_type, [r[1] for r in rows], c.includes,
-                                  readable=readable, limit=MAX_INCLUDED)
-        entries.extend(
-            {
-                "fullUrl": f"{base}/{rtype}/{rid}",
-                "resource": row_to_resource(content, version, last_updated),
-                "search": {"mode": "include"},
-            }
-            for rtype, rid, version, last_updated, content in included
-        )
-        if readable is not None:
-            issues.append(issue(
-                "information", "suppressed",
-                "Included resources are limited to the types the token may read: "
-                + (", ".join(sorted(readable)) or "none"),
-                ["_include" if any(not i.reverse for i in c.includes) else "_revinclude"],
-            ))
-        if len(included) >= MAX_INCLUDED:
-            issues.append(issue("warning", "too-costly",
-                                f"Only the first {MAX_INCLUDED} included resources are given; "
-                                "ask for a smaller _count", ["_include"]))
-    if req.query.ignored:
-        names = ", ".join(name for name, _ in req.query.ignored)
+
+def _included(
+    conn: Connection,
+    resource_type: str,
+    req: SearchRequest,
+    page_ids: list[str],
+    base: str,
+    permissions: Permissions,
+    issues: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """The include entries of a page; what limited them is added to `issues`."""
+    c = req.controls
+    readable = _readable(permissions)
+    included = fetch_included(conn, resource_type, page_ids, c.includes, readable=readable,
+                              limit=MAX_INCLUDED)
+    if readable is not None:
         issues.append(issue(
-            "warning", "not-supported",
-            f"Search parameters not supported for {resource_type} were ignored: {names}",
-            [name for name, _ in req.query.ignored],
+            "information", "suppressed",
+            "Included resources are limited to the types the token may read: "
+            + (", ".join(sorted(readable)) or "none"),
+            ["_include" if any(not i.reverse for i in c.includes) else "_revinclude"],
         ))
-    if issues:
-        entries.append({"resource": outcome(*issues), "search": {"mode": "outcome"}})
-    if entries:
-        bundle["entry"] = entries
-    return bundle
+    if len(included) >= MAX_INCLUDED:
+        issues.append(issue("warning", "too-costly",
+                            f"Only the first {MAX_INCLUDED} included resources are given; "
+                            "ask for a smaller _count", ["_include"]))
+    return [
+        {
+            "fullUrl": f"{base}/{rtype}/{rid}",
+            "resource": row_to_resource(content, version, last_updated),
+            "search": {"mode": "include"},
+        }
+        for rtype, rid, version, last_updated, content in included
+    ]
 
 
 def _index_driven_page(
