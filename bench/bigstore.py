@@ -255,7 +255,9 @@ def _restore_indexes(cur: Any, table: str, defs: _Definitions) -> None:
         cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
             sql.Identifier(table), sql.Identifier(name), sql.SQL(definition)))
     for definition in defs.indexes:
-        cur.execute(definition)
+        # A partitioned table's index reads `ON ONLY` (the parent alone): build it on every
+        # partition too.
+        cur.execute(definition.replace(" ON ONLY ", " ON ", 1))
 
 
 def multiply(url: str, size: int, seed: Seed, say: Say) -> None:
