@@ -70,6 +70,11 @@ def test_reference_targets_and_shared_index_names() -> None:
     assert name.parts == ("text", "prefix", "suffix")
     assert params_for("Patient")["phonetic"].index_names == name.index_names
     assert params_for("Patient")["address"].parts == ("line", "district", "text")
+    # Tokens that never carry a system are stored once (`|value`).
+    assert params_for("Patient")["gender"].systemless
+    assert params_for("Patient")["telecom"].systemless
+    assert not params_for("Patient")["identifier"].systemless
+    assert not params_for("Observation")["code"].systemless
     assert params_for("Patient")["_id"].column == "res_id"
 
 

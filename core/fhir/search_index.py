@@ -8,10 +8,12 @@ Index formats (this module owns them):
 
 - `resource.tokens` (GIN), token, reference and uri parameters (`name` below is the
   parameter's name, or the one it shares its values with: `SearchParam.index_names`):
-  - a code / Coding / Identifier with system `s` and value `c`:
+  - a Coding / Identifier with system `s` and value `c`:
     `"{name}:{s}|{c}"`, `"{name}:*|{c}"`, `"{name}:{s}|"`; with no system: `"{name}:|{c}"`,
-    `"{name}:*|{c}"`. Plain `code`, `string`, `boolean` elements (gender, status, active) and
-    ContactPoint values (whose `system` is not a URI) are codes without a system.
+    `"{name}:*|{c}"`.
+  - a parameter whose values never have a system (`SearchParam.systemless`: plain `code`,
+    `string`, `boolean` elements such as gender, status, active, and ContactPoint values,
+    whose `system` is no URI): `"{name}:|{c}"` alone, which `c` and `|c` both search.
   - a relative reference `Type/id` (a `/_history/n` suffix is dropped):
     `"{name}:Type/id"`, `"{name}:id"`; an absolute URL or a canonical as it is written,
     `"{name}:{url}"` (a canonical also without its `|version`). `urn:` and `#contained`
@@ -142,6 +144,21 @@ def _tok_code(name: str, values: list[Any], _: str | None, sink: _Sink) -> None:
     prefix, out = name + ":", sink.tokens
     for v in values:
         _put_code(prefix, None, v, out)
+
+
+def _tok_plain(name: str, values: list[Any], _: str | None, sink: _Sink) -> None:
+    """A parameter whose values never have a system: `name:|value` alone serves `value` and
+    `|value` (one token per value instead of two)."""
+    out = sink.tokens
+    for v in values:
+        if isinstance(v, dict):  # ContactPoint
+            v = v.get("value")
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        elif not isinstance(v, str) or not v:
+            continue
+        t = f"{name}:|{v}"
+        out[t if len(t) <= _TOKEN_MAX else cap(t)] = None
 
 
 def _tok_pair(system_key: str | None, code_key: str) -> Emit:
@@ -399,9 +416,10 @@ _DATE_EMIT: dict[str, Emit] = {"Period": _date_period, "Timing": _date_timing}
 _QUANTITY_EMIT: dict[str, Emit] = {"Money": _money, "Range": _range}
 
 
-def _emitter(kind: str, leaf: str, parts: tuple[str, ...] = ()) -> Emit:
+def _emitter(kind: str, leaf: str, parts: tuple[str, ...] = (), systemless: bool = False
+             ) -> Emit:
     if kind == "token":
-        return _TOKEN_EMIT.get(leaf, _tok_code)
+        return _tok_plain if systemless else _TOKEN_EMIT.get(leaf, _tok_code)
     if kind == "reference":
         return _ref
     if kind == "uri":
@@ -436,7 +454,7 @@ def _plan(resource_type: str) -> dict[str, tuple[_Entry, ...]]:
             (key, where), *rest = path.steps
             by_key.setdefault(key, []).append(
                 (p.index_name, where, tuple(rest), path.ref_type,
-                 _emitter(p.type, path.leaf, p.parts), p.type in _MARKED)
+                 _emitter(p.type, path.leaf, p.parts, p.systemless), p.type in _MARKED)
             )
     return {k: tuple(v) for k, v in by_key.items()}
 

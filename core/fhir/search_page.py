@@ -105,9 +105,11 @@ def _key(resource_type: str, s: SortKey) -> _Key:
         if len(names) > 1:  # values under several names: no one index range is in order
             return _Key(sub, s.descending, True, "text")
         return _Key(sub, s.descending, True, "text", S, names[0], ("value", "value"))
-    # token / reference / uri: the value part of the parameter's tokens, `*|code`, `Type/id`
+    # token / reference / uri: the value part of the parameter's tokens (`*|code`, or `|code`
+    # for one without systems), `Type/id`
     # or the uri (the bare presence marker `name:` is no value).
-    prefix = f"{name}:*|" if s.kind == "token" else f"{name}:"
+    prefix = f"{name}:" if s.kind != "token" else (
+        f"{name}:|" if _systemless(resource_type, s.param) else f"{name}:*|")
     toks = func.unnest(R.c.tokens).table_valued("tok").render_derived()
     cond = and_(func.starts_with(toks.c.tok, prefix), func.length(toks.c.tok) > len(prefix))
     if s.kind == "reference":
@@ -119,6 +121,11 @@ def _key(resource_type: str, s: SortKey) -> _Key:
         .scalar_subquery()
     )
     return _Key(sub, s.descending, True, "text")
+
+
+def _systemless(resource_type: str, param: str) -> bool:
+    p = params_for(resource_type).get(param)
+    return p is not None and p.systemless
 
 
 def _stored_under(resource_type: str, param: str, name: str) -> tuple[str, ...]:

@@ -417,13 +417,14 @@ def _parse_missing(p: SearchParam, raw_name: str, value: str) -> Clause:
     return MissingClause(p.name, kind, missing, p.index_names)
 
 
-def _token_of(prefix: str, raw_name: str, v: str) -> str:
+def _token_of(prefix: str, raw_name: str, v: str, systemless: bool = False) -> str:
     system, bar, code = _split_pipe(v)
     system, code = _unescape(system), _unescape(code)
     if not bar:
         if not code:
             raise _bad_value(raw_name, v, "empty code")
-        return cap(f"{prefix}*|{code}")
+        # Values without a system are stored as `|code` only (see the index formats).
+        return cap(f"{prefix}|{code}" if systemless else f"{prefix}*|{code}")
     if not system and not code:
         raise _bad_value(raw_name, v, "expected [system]|[code]")
     return cap(f"{prefix}{system}|{code}")
@@ -431,7 +432,8 @@ def _token_of(prefix: str, raw_name: str, v: str) -> str:
 
 def _parse_token(p: SearchParam, modifier: str, raw_name: str, value: str) -> TokenClause:
     toks = [
-        _token_of(n + ":", raw_name, v) for v in _split_or(value) for n in p.index_names
+        _token_of(n + ":", raw_name, v, p.systemless)
+        for v in _split_or(value) for n in p.index_names
     ]
     return TokenClause(p.name, toks, negate=modifier == "not")
 

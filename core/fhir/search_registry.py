@@ -75,6 +75,11 @@ LEAF_TYPES: dict[str, frozenset[str]] = {
     }),
 }
 
+# Token values without a system: a bare `value` and `|value` are the same search on them.
+SYSTEMLESS_LEAVES = frozenset({
+    "code", "boolean", "string", "id", "uri", "url", "canonical", "oid", "uuid", "ContactPoint",
+})
+
 # The parts of a complex value a string parameter reads.
 STRING_PARTS: dict[str, tuple[str, ...]] = {
     "HumanName": ("family", "given", "text", "prefix", "suffix"),
@@ -135,6 +140,14 @@ class SearchParam:
     def index_name(self) -> str:
         """The (first) name this parameter's values are stored under."""
         return self.index_names[0]
+
+    @property
+    def systemless(self) -> bool:
+        """A token parameter whose values never carry a system (code, boolean, string,
+        ContactPoint, uri...): stored as `name:|value` only, which `value` and `|value` both
+        search."""
+        return self.type == "token" and bool(self.paths) and all(
+            p.leaf in SYSTEMLESS_LEAVES for p in self.paths)
 
     @property
     def extracted(self) -> bool:
