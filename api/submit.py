@@ -11,14 +11,17 @@ API's memory. Headers: `Idempotency-Key` (same key and body → the same job), `
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from flask import Request, Response, g
+from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
 
 from api.http import base_url, fhir_response, prefer_return, settings
 from core.errors import BadRequest, TooLarge
 from core.fhir.outcome import informational
-from core.jobs import Submission, accept_job, get_job
+from core.jobs import Accepted, Submission, accept_job, get_job
 from core.jobs.callback import check_callback_url
 from core.jobs.control import revive_if_orphaned
 from core.jobs.quota import Quota
@@ -27,6 +30,8 @@ from core.store.db import get_engine
 __all__ = ["accepted_headers", "progress", "status_url", "submit_async"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 NDJSON_TYPES = ("application/fhir+ndjson", "application/x-ndjson", "application/ndjson")
 MAX_KEY_LENGTH = 255
@@ -84,13 +89,17 @@ def submit_async(kind: str, request: Request) -> Response:
         scopes=g.principal.scopes,
         quota=Quota(cfg.max_active_jobs, cfg.max_submissions_per_minute),
     )
-    with get_engine().begin() as conn:
-        accepted = accept_job(conn, request.stream, sub)
+    body = _Watched(request.stream)
+
+    def accept(conn: Connection) -> tuple[Accepted, list[Any], dict[str, Any] | None]:
+        accepted = accept_job(conn, body, sub)
         dispatches = accepted.dispatches
         if accepted.replayed:
             # The first submission may have died between its commit and its enqueue.
             dispatches = revive_if_orphaned(conn, accepted.job_id, cfg.inflight_chunks)
-        job = get_job(conn, accepted.job_id, sub.owner)
+        return accepted, dispatches, get_job(conn, accepted.job_id, sub.owner)
+
+    accepted, dispatches, job = _accept_once_more_if_lost(accept, body)
     assert job is not None
     if dispatches:
         from worker.tasks import enqueue_safely
@@ -107,3 +116,31 @@ def submit_async(kind: str, request: Request) -> Response:
     log.info("job %s accepted (%s, %d entries, replayed=%s)", accepted.job_id, accepted.kind,
              accepted.total, accepted.replayed)
     return fhir_response(informational(f"{text} Poll {url} for the result."), 202, headers)
+
+
+class _Watched:
+    """The request body, noting whether anything has read it yet."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.touched = False
+
+    def read(self, size: int = -1) -> bytes:
+        self.touched = True
+        return bytes(self.stream.read(size))
+
+
+def _accept_once_more_if_lost(work: Callable[[Connection], T], body: _Watched) -> T:
+    """`work` in a transaction; run once more on a new connection if the pooled one turns out
+    dead (a database restart) before the body was read: the API does not ping every pooled
+    connection first (core.store.db). Once the body is being read it cannot be read again."""
+    for attempt in (1, 2):
+        try:
+            with get_engine().begin() as conn:
+                return work(conn)
+        except DBAPIError as exc:
+            if attempt == 2 or not exc.connection_invalidated or body.touched:
+                raise
+            log.warning("async submission: the database connection was lost (%s) before the "
+                        "body was read; accepting it on a new one", type(exc.orig).__name__)
+    raise AssertionError("unreachable")

@@ -130,3 +130,54 @@ def test_a_misspelt_synchronous_commit_is_refused(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("FHIRQ_SYNCHRONOUS_COMMIT", "offf")
     with pytest.raises(ValueError, match="FHIRQ_SYNCHRONOUS_COMMIT"):
         get_settings()
+
+
+def _kill_next_pooled_connection(db_url: str) -> None:
+    """End the server session of the connection the app's pool hands out next (LIFO: the one
+    just returned), as a database restart would."""
+    with db.get_engine().connect() as conn:
+        pid = int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+    _terminate(db_url, pid)
+
+
+def _batch() -> bytes:
+    import orjson
+
+    return orjson.dumps({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "POST", "url": "Patient"},
+         "resource": {"resourceType": "Patient", "name": [{"family": "Pool"}]}}]})
+
+
+def test_an_async_submission_survives_a_dead_pooled_connection(
+    client, db_url: str, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    """The API pings no connection back in the pool within the second; its first statement
+    (before the body is read) meets the dead session and the submission is accepted on a new
+    connection instead of answering 503."""
+    headers = {"Content-Type": "application/fhir+json", "Prefer": "respond-async"}
+    assert client.post("/fhir", data=_batch(), headers=headers).status_code == 202
+    monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 60.0)
+    _kill_next_pooled_connection(db_url)
+    resp = client.post("/fhir", data=_batch(), headers=headers)
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+
+
+def test_an_api_key_lookup_survives_a_dead_pooled_connection(
+    clean_db: Engine, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    from api import create_app
+    from core.auth.api_keys import create_key
+    from core.config import get_settings
+
+    with clean_db.begin() as conn:
+        token = create_key(conn, "pool-probe", ["system/*.read"]).token
+    app = create_app(replace(get_settings(), auth="required", api_key_cache_seconds=0))
+    client = app.test_client()
+    headers = {"Authorization": f"Bearer {token}"}
+    assert client.get("/jobs", headers=headers).status_code == 200
+    monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 60.0)
+    _kill_next_pooled_connection(db_url)
+    resp = client.get("/jobs", headers=headers)  # the lookup runs again on a new connection
+    assert resp.status_code == 200, resp.get_data(as_text=True)

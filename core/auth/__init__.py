@@ -24,6 +24,7 @@ from core.auth.permissions import Permissions
 from core.auth.scopes import Grant, Requirement, allows, parse_scopes
 from core.config import Settings
 from core.errors import Unauthorized
+from core.store.retry import in_transaction
 
 __all__ = ["ANONYMOUS", "Principal", "authenticate", "check_settings", "jwt_enabled"]
 
@@ -86,8 +87,8 @@ def _api_key_principal(token: str, settings: Settings, engine: Engine) -> Princi
         hit = _verified.get(digest)
         if hit is not None and hit[0] > now:
             return hit[1]
-    with engine.connect() as conn:
-        key = verify_key(conn, token)
+    # A read: run again on a new connection if a pooled one turns out dead (core.store.retry).
+    key = in_transaction(engine, lambda conn: verify_key(conn, token), what="API key lookup")
     if key is None:
         _verified.pop(digest, None)
         raise Unauthorized("The API key is unknown, revoked or malformed")
