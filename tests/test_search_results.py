@@ -362,6 +362,15 @@ def test_includes_never_bring_back_what_the_caller_may_not_read(clinic: Connecti
     none = run(clinic, "Patient", [("_revinclude", "Observation:subject")],
                permissions=Permissions.of(["system/Patient.rs"]))
     assert included(none) == set()
+    # What the caller may not read does not lead an :iterate either: e1 is reached only
+    # through o4, an Observation this caller cannot see.
+    hidden = run(clinic, "Patient", [("_id", "p4"), ("_revinclude", "Observation:subject"),
+                                     ("_include:iterate", "Observation:encounter")],
+                 permissions=Permissions.of(["system/Patient.rs", "system/Encounter.r"]))
+    assert included(hidden) == set()
+    seen = run(clinic, "Patient", [("_id", "p4"), ("_revinclude", "Observation:subject"),
+                                   ("_include:iterate", "Observation:encounter")])
+    assert included(seen) == {"Observation/o4", "Encounter/e1"}
 
 
 # --------------------------------------------------------------------------- chains and _has

@@ -71,11 +71,11 @@ def include_statement(
         literal(resource_type, Text).label("res_type"),
         func.unnest(cast(list(page_ids), ARRAY(Text))).label("res_id"),
     ).cte("page")
-    level1 = _level(page, includes, "level1")
+    level1 = _level(page, includes, "level1", readable)
     iterating = [i for i in includes if i.iterate]
     found: Any = level1
     if iterating:
-        level2 = _level(level1, iterating, "level2")
+        level2 = _level(level1, iterating, "level2", readable)
         found = union(select(level1.c.res_type, level1.c.res_id),
                       select(level2.c.res_type, level2.c.res_id)).subquery("found")
     conds: list[ColumnElement[bool]] = [
@@ -106,10 +106,18 @@ def include_statement(
     )
 
 
-def _level(start: CTE, includes: Sequence[Include], name: str) -> CTE:
-    """The (res_type, res_id) that `includes` reach from the rows of `start`."""
+def _level(
+    start: CTE, includes: Sequence[Include], name: str, readable: Collection[str] | None
+) -> CTE:
+    """The (res_type, res_id) that `includes` reach from the rows of `start`, of the types
+    the caller may read: what it may not read must not lead an `:iterate` on either (the
+    Practitioner of an Observation it cannot see would tell that the Observation exists)."""
     parts = [(_reverse if i.reverse else _forward)(start, i) for i in includes]
-    return union(*parts).cte(name) if len(parts) > 1 else parts[0].distinct().cte(name)
+    reached = (union(*parts) if len(parts) > 1 else parts[0].distinct()).subquery(name + "_all")
+    out = select(reached.c.res_type, reached.c.res_id)
+    if readable is not None:
+        out = out.where(reached.c.res_type.in_(sorted(readable)))
+    return out.cte(name)
 
 
 def _forward(start: CTE, inc: Include) -> Select[Any]:
