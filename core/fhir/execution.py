@@ -34,7 +34,7 @@ from core.errors import (
 )
 from core.fhir import outcome as oo
 from core.fhir.access import refused
-from core.fhir.model import Context, EntryResult
+from core.fhir.model import Context, EntryResult, format_instant
 from core.fhir.patch import apply_fhirpath_patch, apply_json_patch, decode_binary_patch
 from core.fhir.planning import (
     WRITE_PHASES,
@@ -503,9 +503,14 @@ def _write(conn: Connection, steps: list[Step], fail: _Failures, ctx: Context) -
     for (s, row), w in zip(rows, written, strict=True):
         status = 201 if w.created else 200
         text = "Created" if w.created else ("Updated" if w.changed else "Unchanged: no new version")
-        s.result = _resource_result(
-            s.index, status, row_to_resource(row.content, w.version, w.last_updated)
-        )
+        # A stored Bundle is kept whole in a job's results, like a search's (write_results).
+        if ctx.write_representations or s.resource_type == "Bundle":
+            s.result = _resource_result(
+                s.index, status, row_to_resource(row.content, w.version, w.last_updated)
+            )
+        else:
+            s.result = _version_result(s.index, status, *row.key, w.version,
+                                       format_instant(w.last_updated))
         s.result.outcome = _informational(text)
 
 
@@ -565,14 +570,21 @@ def _patched(s: Step, content: dict[str, Any]) -> dict[str, Any]:
 
 def _resource_result(index: int, status: int, resource: dict[str, Any]) -> EntryResult:
     meta = resource["meta"]
-    version = meta["versionId"]
+    result = _version_result(index, status, resource["resourceType"], resource["id"],
+                             meta["versionId"], meta["lastUpdated"])
+    result.resource = resource
+    return result
+
+
+def _version_result(index: int, status: int, resource_type: str, res_id: str,
+                    version: int | str, last_updated: str) -> EntryResult:
+    """The answer naming a stored version; `last_updated` as `meta.lastUpdated` shows it."""
     return EntryResult(
         index,
         status,
-        location=f"{resource['resourceType']}/{resource['id']}/_history/{version}",
+        location=f"{resource_type}/{res_id}/_history/{version}",
         etag=f'W/"{version}"',
-        last_modified=_parse_instant(meta["lastUpdated"]),
-        resource=resource,
+        last_modified=_parse_instant(last_updated),
     )
 
 

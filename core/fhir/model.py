@@ -26,6 +26,10 @@ class Context:
     # What the caller may do. The edges that act for a caller (the API, the job runner) always
     # set it from the caller's scopes; in-process callers (the server's own work) hold all.
     permissions: Permissions = UNRESTRICTED
+    # Whether the result of a create or update carries the written resource. A job answers
+    # from the store (its response re-reads each version from resource_history), so its
+    # runner turns this off and no representation is built per entry only to be dropped.
+    write_representations: bool = True
     # `Prefer: handling=strict`: an unknown or unsupported search parameter is a 400, not a
     # warning in the searchset.
     strict_search: bool = False

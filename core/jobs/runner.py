@@ -108,9 +108,11 @@ RETURNING state, gen
 
 
 def _context(job: Any) -> Context:
-    """The engine context of a job's entries: they run with the scopes it was submitted with."""
+    """The engine context of a job's entries: they run with the scopes it was submitted with,
+    and their written versions are answered from the store (`write_results`)."""
     return Context(base_url=job["base_url"], prefer_return=job["prefer_return"],
-                   owner=job["owner"], permissions=Permissions.of(job["scopes"]))
+                   owner=job["owner"], permissions=Permissions.of(job["scopes"]),
+                   write_representations=False)
 
 
 def run_chunk(conn: Connection, job_id: str, gen: int, side: Side,
