@@ -92,9 +92,12 @@ def api(upgraded: str):  # type: ignore[no-untyped-def]
     module, then given back to the session's database)."""
     from api import create_app
     from core.config import get_settings
+    from core.store.db import get_engine
 
     before = os.environ.get("FHIRQ_DATABASE_URL")
     os.environ["FHIRQ_DATABASE_URL"] = upgraded
+    # The app's engine is cached: an earlier test's would still point at the session's db.
+    get_engine.cache_clear()
     app = create_app(replace(get_settings(), auth="off", database_url=upgraded))
     app.config["TESTING"] = True
     yield app.test_client()
@@ -102,6 +105,7 @@ def api(upgraded: str):  # type: ignore[no-untyped-def]
         os.environ.pop("FHIRQ_DATABASE_URL", None)
     else:
         os.environ["FHIRQ_DATABASE_URL"] = before
+    get_engine.cache_clear()  # the next tests get an engine on the session's database again
 
 
 def _sql(url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
