@@ -185,9 +185,14 @@ def run(args: argparse.Namespace) -> None:
     import worker.tasks  # noqa: F401 - the heap of a worker process
     from bench import data
     from bench.services import bench_services
+    from core.fhir.validation import preload_validators
     from core.jobs import run_chunk, run_transaction_job
     from core.store.db import get_engine
+    from worker.celery_app import COMMON_TYPES
 
+    # What a worker compiles before its pool forks (worker.celery_app._warm), so that no
+    # validator is compiled inside the measured run.
+    preload_validators(COMMON_TYPES)
     with bench_services(args.database) as services:
         engine = get_engine(services.database_url)
         if args.synthea:
