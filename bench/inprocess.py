@@ -34,6 +34,7 @@ from typing import Any
 from sqlalchemy import Engine, event
 
 from bench.monitor import statement_label
+from worker.heap import settle_heap
 
 __all__ = ["Accounting", "main"]
 
@@ -230,7 +231,7 @@ def run(args: argparse.Namespace) -> None:
         gc.collect()
         print(f"objects the collector tracks: {len(gc.get_objects()):,}")
         if args.gc_freeze:
-            gc.freeze()
+            settle_heap()  # as a worker process does (worker.heap)
         profiler = None if args.no_profile else Profiler(interval=0.001)
         with accounting(engine) as acc:
             if profiler is not None:

@@ -17,7 +17,6 @@ priorities; fhirq uses none.
 
 from __future__ import annotations
 
-import gc
 import logging
 import resource
 from typing import Any
@@ -29,6 +28,7 @@ from kombu import Exchange, Queue
 from core.config import Settings, get_settings
 from core.logging import configure_logging
 from worker.broker import kind_of
+from worker.heap import settle_heap
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _warm(**_: Any) -> None:
     from core.fhir.validation import preload_validators
 
     preload_validators(COMMON_TYPES)
-    gc.freeze()
+    settle_heap()
 
 
 @worker_process_init.connect
@@ -140,7 +140,7 @@ def _child(**_: Any) -> None:
         if hard != resource.RLIM_INFINITY:
             limit = min(limit, hard)
         resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    gc.freeze()
+    settle_heap()
 
 
 @worker_ready.connect
