@@ -361,13 +361,13 @@ def reindex_resources(conn: Connection, rows: Sequence[WriteRow]) -> int:
     return conn.exec_driver_sql(_REINDEX).scalar_one()
 
 
-_DELETE = """
+_DELETE = f"""
 WITH input AS (
     SELECT * FROM unnest(%(t)s::text[], %(i)s::text[]) AS x(res_type, res_id)
 ),
 up AS (
     UPDATE resource r SET version = r.version + 1, last_updated = clock_timestamp(),
-        deleted = true, content_hash = NULL, tokens = '{}'
+        deleted = true, content_hash = NULL, tokens = '{{}}'
     FROM input
     WHERE r.res_type = input.res_type AND r.res_id = input.res_id AND NOT r.deleted
     RETURNING r.res_type, r.res_id, r.version, r.last_updated
@@ -376,18 +376,7 @@ hist AS (
     INSERT INTO resource_history (res_type, res_id, version, last_updated, deleted, method, content)
     SELECT res_type, res_id, version, last_updated, true, 'DELETE', NULL FROM up
 ),
-strings_gone AS (
-    DELETE FROM resource_string s USING up
-    WHERE s.res_type = up.res_type AND s.res_id = up.res_id
-),
-dates_gone AS (
-    DELETE FROM resource_date d USING up
-    WHERE d.res_type = up.res_type AND d.res_id = up.res_id
-),
-numbers_gone AS (
-    DELETE FROM resource_number n USING up
-    WHERE n.res_type = up.res_type AND n.res_id = up.res_id
-)
+{_INDEX_GONE}
 SELECT res_type, res_id, version, last_updated FROM up
 """
 
