@@ -13,7 +13,9 @@ from collections.abc import Iterator
 
 import psycopg2
 import pytest
+from psycopg2 import errors as pg_errors
 from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy.exc import OperationalError
 
 from tests.embedded_services import database_url, session_services
 
@@ -76,6 +78,10 @@ def clean_db(engine: Engine) -> Iterator[Engine]:
 
     def empty() -> None:
         with engine.begin() as c:
+            # A worker may hold a lock on one of its connections while its other connection
+            # queues behind the TRUNCATE: a wait PostgreSQL cannot see as a deadlock. The
+            # TRUNCATE gives up its place in the queue after a while and tries again.
+            c.execute(text("SET LOCAL lock_timeout = '3s'"))
             existing = {
                 r[0]
                 for r in c.execute(
@@ -90,7 +96,13 @@ def clean_db(engine: Engine) -> Iterator[Engine]:
             if tables:
                 c.execute(text(f"TRUNCATE {', '.join(tables)} CASCADE"))
 
-    retry_conflicts(empty, attempts=5, what="emptying the test tables")
+    for attempt in range(1, 21):
+        try:
+            retry_conflicts(empty, attempts=5, what="emptying the test tables")
+            break
+        except OperationalError as exc:
+            if attempt == 20 or not isinstance(exc.orig, pg_errors.LockNotAvailable):
+                raise
     yield engine
 
 
