@@ -52,7 +52,7 @@ def test_lost_queue_messages_resume_within_seconds(api: Any, recovering: WorkerP
                                                    clean_db: Engine) -> None:
     """The worker stops (its running chunks finish and send their successors), then the queue
     is deleted, as when Redis restarts without persistence: every chain of the job is gone."""
-    n = 1000
+    n = 5000  # big enough that a fast worker is still running it when it stops
     job_id = job_id_of(submit(api, patients_batch(n, "lost")))
     wait_for(lambda: done(api, job_id) >= 300, 60, "some progress", on_timeout=recovering.tail)
     recovering.stop()
